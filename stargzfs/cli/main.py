@@ -1,0 +1,83 @@
+"""Entry point of the ``stargzfs`` command.
+
+Each command group lives in its own module under ``stargzfs.cli`` and exposes
+``register(subparsers)``, which adds its sub-commands and sets ``func`` on them: a callable
+taking the parsed ``argparse.Namespace`` and returning an exit code (sync) or an awaitable of
+one (async commands are run under trio here). Errors are translated to exit codes here, once.
+
+Heavy imports (httpx, pyfuse3, zstandard) happen inside the command modules' handlers, so
+``stargzfs --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import StargzfsError
+
+# Modules under stargzfs.cli that provide register(subparsers). Order = order in --help.
+COMMAND_MODULES: tuple[str, ...] = ("layer_cmds",)
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success
+  1  other error
+  2  usage error (bad arguments or reference)
+  3  authentication or authorization failed
+  4  not found (image, tag, layer, platform, path)
+  5  registry or network failure after retries
+  6  integrity failure (digest mismatch, malformed TOC, footer or manifest)
+  7  operation not supported (by the registry or the layer format)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stargzfs",
+        description="Use container images without pulling them.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="informational logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="stargzfs: %(levelname)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        if inspect.iscoroutinefunction(func):
+            import trio
+
+            return int(trio.run(func, args))
+        return int(func(args))
+    except StargzfsError as e:
+        if args.debug:
+            logging.exception("failed")
+        print(f"stargzfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stargzfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
