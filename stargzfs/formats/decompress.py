@@ -1,0 +1,81 @@
+"""Decompress and verify one chunk from its compressed bytes.
+
+Pure CPU work: callers on the trio loop run these in a worker thread. Decompressor objects
+are created per call (a zstd decompressor shared across threads corrupts data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+from ..errors import DigestMismatchError, FormatError
+
+__all__ = ["inflate_gzip_members", "inflate_range", "inflate_zstd_frames", "verify_sha256"]
+
+
+def inflate_gzip_members(data: bytes, want: int) -> bytes:
+    """The first ``want`` uncompressed bytes of a run of gzip members.
+
+    Multi-member aware: when one member ends before ``want`` bytes are out, the next member
+    (in ``unused_data``) is started, as Go's multistream reader does.
+    """
+    out: list[bytes] = []
+    have = 0
+    rest = data
+    # The range handed to us is the chunk's own member(s) plus at most a tar header and
+    # padding, so inflating all of it and trimming costs little and keeps this simple.
+    while have < want and rest:
+        d = zlib.decompressobj(wbits=31)
+        try:
+            piece = d.decompress(rest)
+        except zlib.error as e:
+            raise FormatError(f"corrupt gzip data: {e}") from None
+        out.append(piece)
+        have += len(piece)
+        if not d.eof:
+            break
+        rest = d.unused_data
+    if have < want:
+        raise FormatError(f"compressed data ends after {have} of {want} bytes: truncated")
+    return b"".join(out)[:want]
+
+
+def inflate_zstd_frames(data: bytes, want: int) -> bytes:
+    """The first ``want`` uncompressed bytes of a run of zstd frames (skippable frames skipped)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        reader = dctx.stream_reader(data, read_across_frames=True)
+        out = reader.read(want)
+        while len(out) < want:
+            more = reader.read(want - len(out))
+            if not more:
+                break
+            out += more
+    except zstandard.ZstdError as e:
+        raise FormatError(f"corrupt zstd data: {e}") from None
+    if len(out) < want:
+        raise FormatError(f"compressed data ends after {len(out)} of {want} bytes: truncated")
+    return out
+
+
+def inflate_range(compression: str, data: bytes, want: int) -> bytes:
+    """Dispatch on ``gzip`` / ``zstd`` / ``none``."""
+    if compression == "gzip":
+        return inflate_gzip_members(data, want)
+    if compression == "zstd":
+        return inflate_zstd_frames(data, want)
+    if len(data) < want:
+        raise FormatError(f"data ends after {len(data)} of {want} bytes: truncated")
+    return data[:want]
+
+
+def verify_sha256(data: bytes, expected: bytes | None, what: str) -> None:
+    """Raise :class:`DigestMismatchError` unless sha256(data) == expected (None: unverified)."""
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).digest()
+    if actual != expected:
+        raise DigestMismatchError(what, "sha256:" + expected.hex(), "sha256:" + actual.hex())

@@ -1,0 +1,171 @@
+"""The eStargz table of contents (``stargz.index.json``): streaming parse and validation.
+
+Pure logic. A TOC of a million entries is hundreds of megabytes of JSON, so it is never
+turned into one big list of dicts: :func:`iter_toc_entries` decodes one entry at a time and
+the index builder stores each in compact form before the next is decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import FormatError, UnsafePathError
+
+__all__ = [
+    "ENTRY_TYPES",
+    "HIDDEN_NAMES",
+    "LANDMARK_NO_PREFETCH",
+    "LANDMARK_PREFETCH",
+    "TOC_TAR_NAME",
+    "clean_name",
+    "iter_toc_entries",
+    "parse_digest",
+    "parse_modtime",
+]
+
+TOC_TAR_NAME = "stargz.index.json"
+LANDMARK_PREFETCH = ".prefetch.landmark"
+LANDMARK_NO_PREFETCH = ".no.prefetch.landmark"
+HIDDEN_NAMES = frozenset({TOC_TAR_NAME, LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH})
+ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)\Z"
+)
+
+
+def clean_name(name: str) -> str:
+    """Clean a TOC/tar entry name to a relative path; "" is the layer root.
+
+    ``./a//b/`` → ``a/b``. Rejects, naming the entry: NUL bytes, names that are absolute
+    after cleaning, and ``..`` components (a layer must never reach outside its root).
+    """
+    if "\x00" in name:
+        raise UnsafePathError(f"entry name {name!r} contains a NUL byte")
+    if name.startswith("/"):
+        raise UnsafePathError(f"entry name {name!r} is an absolute path")
+    parts = [p for p in name.split("/") if p and p != "."]
+    if ".." in parts:
+        raise UnsafePathError(f"entry name {name!r} has a '..' component")
+    return "/".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_modtime(text: str) -> int:
+    """RFC 3339 timestamp → nanoseconds since the epoch (TOCs repeat times: cached)."""
+    m = _RFC3339.match(text)
+    if m is None:
+        raise FormatError(f"invalid modtime {text!r}")
+    import calendar
+
+    year, mon, day, hh, mm, ss = (int(g) for g in m.groups()[:6])
+    frac, tz = m.group(7), m.group(8)
+    try:
+        secs = calendar.timegm((year, mon, day, hh, mm, ss, 0, 0, 0))
+    except (ValueError, OverflowError) as e:
+        raise FormatError(f"invalid modtime {text!r}") from e
+    if tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        secs -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    nanos = int(frac.ljust(9, "0")) if frac else 0
+    return secs * 1_000_000_000 + nanos
+
+
+def parse_digest(value: object, what: str) -> bytes:
+    """``sha256:<64 hex>`` → 32 raw bytes."""
+    if not isinstance(value, str) or not value.startswith("sha256:") or len(value) != 71:
+        raise FormatError(f"{what}: unsupported or malformed digest {value!r}")
+    try:
+        return bytes.fromhex(value[7:])
+    except ValueError as e:
+        raise FormatError(f"{what}: malformed digest {value!r}") from e
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    m = _WS.match(text, pos)
+    return m.end() if m else pos
+
+
+def _expect(text: str, pos: int, char: str) -> int:
+    pos = _skip_ws(text, pos)
+    if pos >= len(text) or text[pos] != char:
+        found = repr(text[pos : pos + 10]) if pos < len(text) else "end of data"
+        raise FormatError(f"invalid TOC JSON at character {pos}: expected {char!r}, found {found}")
+    return pos + 1
+
+
+def _decode(text: str, pos: int) -> tuple[Any, int]:
+    try:
+        return _DECODER.raw_decode(text, _skip_ws(text, pos))
+    except json.JSONDecodeError as e:
+        raise FormatError(f"invalid TOC JSON: {e.msg} at character {e.pos}") from None
+
+
+def iter_toc_entries(text: str) -> Iterator[dict[str, Any]]:
+    """Yield the raw entry objects of a TOC document, one at a time, in order.
+
+    Checks the document's shape (an object with ``version`` 1 and an ``entries`` array of
+    objects) and each entry's ``name`` and ``type``; field-level validation is the index
+    builder's. Raises :class:`FormatError` for anything else.
+    """
+    pos = _expect(text, 0, "{")
+    seen_entries = False
+    version: object = None
+    first = True
+    while True:
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == "}":
+            pos += 1
+            break
+        if not first:
+            pos = _expect(text, pos, ",")
+        first = False
+        key, pos = _decode(text, pos)
+        if not isinstance(key, str):
+            raise FormatError("invalid TOC JSON: object key is not a string")
+        pos = _expect(text, pos, ":")
+        if key != "entries":
+            value, pos = _decode(text, pos)
+            if key == "version":
+                version = value
+            continue
+        seen_entries = True
+        pos = _expect(text, pos, "[")
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            pos += 1
+            continue
+        index = 0
+        while True:
+            entry, pos = _decode(text, pos)
+            _check_entry(entry, index)
+            yield entry
+            index += 1
+            pos = _skip_ws(text, pos)
+            if pos < len(text) and text[pos] == "]":
+                pos += 1
+                break
+            pos = _expect(text, pos, ",")
+    if _skip_ws(text, pos) != len(text):
+        raise FormatError("invalid TOC JSON: trailing data after the document")
+    if not seen_entries:
+        raise FormatError("TOC has no 'entries' array")
+    if version != 1:
+        raise FormatError(f"unsupported TOC version {version!r} (expected 1)")
+
+
+def _check_entry(entry: object, index: int) -> None:
+    if not isinstance(entry, dict):
+        raise FormatError(f"TOC entry #{index} is not an object")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise FormatError(f"TOC entry #{index} has no name")
+    kind = entry.get("type")
+    if kind not in ENTRY_TYPES:
+        raise FormatError(f"TOC entry {name!r} has unknown type {kind!r}")

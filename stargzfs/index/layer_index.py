@@ -1,0 +1,702 @@
+"""A compact, queryable index of one layer's TOC, stored in SQLite.
+
+Why SQLite: a million-entry layer must fit in well under 200 bytes per entry, answer
+lookup-by-name and list-a-directory without scans, and be persistable so a remount need not
+re-parse. One row per entry (keyed by its inode number) plus a (parent, name) index gives
+all three; built into a file next to the chunk cache, its pages live in the OS page cache
+rather than in the daemon's heap.
+
+Inode numbers are the row ids, assigned in TOC order (root = 1), so they are stable for the
+same TOC. A hardlink has a row of its own (its name) whose ``ino`` names the canonical row;
+every query returns the canonical attributes, as ``stat`` on a real hardlink does.
+
+Files with more than one chunk have rows in ``chunks``; a single-chunk file keeps its one
+chunk's location in its own row. Where a chunk's compressed bytes end is not stored per
+chunk: it is the next larger payload offset in the blob (or the TOC offset), kept as one
+sorted array.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import binascii
+import bisect
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import FormatError, NotFoundError
+from ..formats.toc import (
+    HIDDEN_NAMES,
+    LANDMARK_NO_PREFETCH,
+    LANDMARK_PREFETCH,
+    clean_name,
+    iter_toc_entries,
+    parse_digest,
+    parse_modtime,
+)
+
+__all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex"]
+
+ROOT_ID = 1
+SCHEMA_VERSION = 1
+
+# Entry kinds as stored; the TOC's "hardlink" rows point at a canonical row instead.
+_KINDS = ("", "dir", "reg", "symlink", "char", "block", "fifo", "hardlink")
+_KIND_CODE = {name: code for code, name in enumerate(_KINDS) if name}
+DIR, REG, SYMLINK, CHAR, BLOCK, FIFO, HARDLINK = 1, 2, 3, 4, 5, 6, 7
+_F_IMPLICIT = 0x10  # a parent directory with no entry of its own
+_F_CHUNKED = 0x20  # content described by rows in `chunks`
+_KIND_MASK = 0x0F
+
+_MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
+_MAX_ID = (1 << 32) - 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    mode INTEGER, uid INTEGER, gid INTEGER, size INTEGER, mtime INTEGER,
+    link TEXT, dev INTEGER, xattrs TEXT, digest BLOB,
+    offset INTEGER, inner INTEGER, nlink INTEGER, ino INTEGER
+);
+CREATE TABLE chunks (
+    entry INTEGER NOT NULL, foff INTEGER NOT NULL, size INTEGER NOT NULL,
+    offset INTEGER NOT NULL, inner INTEGER, digest BLOB,
+    PRIMARY KEY (entry, foff)
+) WITHOUT ROWID;
+CREATE TABLE owners (kind TEXT, id INTEGER, name TEXT, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+"""
+_COLUMNS = "id, parent, name, kind, mode, uid, gid, size, mtime, link, dev, xattrs, digest, "
+_COLUMNS += "offset, inner, nlink, ino"
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One independently decompressible piece of a file."""
+
+    file_offset: int  # where the chunk's bytes start in the file
+    size: int  # uncompressed bytes of this chunk
+    comp_offset: int  # start of the compressed member(s) in the blob
+    comp_end: int  # end (exclusive) of the compressed range to fetch
+    inner_offset: int  # where the chunk starts in the member's uncompressed stream
+    digest: bytes | None  # sha256 of the chunk's uncompressed bytes (None: unverified)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A name in the layer and the attributes of the inode it names."""
+
+    id: int  # inode number within the layer (the canonical row for hardlinks)
+    parent: int
+    name: str
+    kind: str  # dir reg symlink char block fifo (a hardlink reports its target's kind)
+    mode: int  # permission bits incl. setuid/setgid/sticky (0o7777)
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int | None
+    linkname: str  # symlink target; for a hardlink name, the target's path
+    devmajor: int
+    devminor: int
+    nlink: int
+    xattrs_json: str | None
+    digest: bytes | None
+    implicit: bool
+    hardlink: bool  # this name is a hardlink to ``id``
+    name_id: int  # the row of this name (== id unless hardlink)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def xattrs(self) -> dict[str, bytes]:
+        if not self.xattrs_json:
+            return {}
+        raw: dict[str, str] = json.loads(self.xattrs_json)
+        return {k: base64.b64decode(v) for k, v in raw.items()}
+
+
+class LayerIndex:
+    """Read side of the index. Build one with :meth:`build`, reopen with :meth:`open`."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        if meta.get("schema") != SCHEMA_VERSION:
+            raise FormatError("index file has an unknown schema version")
+        self.format: str = meta["format"]
+        self.compression: str = meta["compression"]
+        self.toc_offset: int = meta["toc_offset"]
+        self.toc_digest: str | None = meta.get("toc_digest")
+        self.landmark: str | None = meta.get("landmark")
+        self.prefetch_end: int | None = meta.get("prefetch_end")
+        self.entry_count: int = meta["entry_count"]
+        self._offsets = array.array("q")
+        self._offsets.frombytes(meta["offsets"])
+        self._owners: dict[tuple[str, int], str] = {
+            (k, i): n for k, i, n in db.execute("SELECT kind, id, name FROM owners")
+        }
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        toc_json: str | bytes,
+        *,
+        format: str,
+        compression: str,
+        toc_offset: int,
+        toc_digest: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> LayerIndex:
+        """Parse a TOC document into an index (in memory, or in a file at ``path``).
+
+        A file is written under a temporary name and renamed into place, so concurrent
+        builders and readers never see a half-written index.
+        """
+        text = toc_json
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "surrogateescape")
+        target = os.fspath(path) if path is not None else None
+        tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
+        if target and os.path.exists(tmp):
+            os.unlink(tmp)
+        db = sqlite3.connect(tmp, check_same_thread=False, isolation_level=None)
+        try:
+            db.executescript(
+                "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16384;"
+            )
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN")
+            _Builder(db, toc_offset).run(text)
+            meta: dict[str, Any] = {
+                "schema": SCHEMA_VERSION,
+                "format": format,
+                "compression": compression,
+                "toc_offset": toc_offset,
+                "toc_digest": toc_digest,
+            }
+            meta.update(db.execute("SELECT 'entry_count', count(*) FROM entries").fetchall())
+            for key, value in _pending_meta(db):
+                meta[key] = value
+            db.execute("DELETE FROM meta")
+            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            if target and os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        if target:
+            db.close()
+            os.replace(tmp, target)
+            return cls.open(target)
+        db.execute("PRAGMA cache_size=-2048")
+        return cls(db)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LayerIndex:
+        uri = f"file:{os.fspath(path)}?mode=ro"
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA cache_size=-2048")
+        try:
+            return cls(db)
+        except (sqlite3.DatabaseError, KeyError) as e:
+            db.close()
+            raise FormatError(f"index file {os.fspath(path)} is unreadable: {e}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- queries ------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Entry:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id=?", (ino,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no inode {ino} in this layer")
+        return self._entry(row)
+
+    def lookup(self, parent: int, name: str) -> Entry | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        return None if row is None else self._entry(row)
+
+    def resolve(self, path: str) -> Entry | None:
+        """The entry at a layer-relative path (symlinks are not followed)."""
+        entry = self.get(ROOT_ID)
+        for part in clean_name(path).split("/") if path.strip("/.") else []:
+            if not entry.is_dir:
+                return None
+            found = self.lookup(entry.id, part)
+            if found is None:
+                return None
+            entry = found
+        return entry
+
+    def children(self, parent: int, after: str | None = None) -> Iterator[Entry]:
+        """Entries of a directory in name order, optionally starting after a name."""
+        if after is None:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE parent=? AND id!=? ORDER BY name",
+                (parent, ROOT_ID),
+            )
+        else:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE parent=? AND name>? AND id!=? ORDER BY name",
+                (parent, after, ROOT_ID),
+            )
+        for row in cur:
+            yield self._entry(row)
+
+    def path_of(self, name_id: int) -> str:
+        parts: list[str] = []
+        while name_id != ROOT_ID:
+            row = self._db.execute(
+                "SELECT parent, name FROM entries WHERE id=?", (name_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no inode {name_id} in this layer")
+            parts.append(row[1])
+            name_id = row[0]
+        return "/".join(reversed(parts))
+
+    def walk(self, top: int = ROOT_ID, prefix: str = "") -> Iterator[tuple[str, Entry]]:
+        """Every entry below ``top`` as (path, entry), depth first, in name order."""
+        for child in self.children(top):
+            path = f"{prefix}{child.name}"
+            yield path, child
+            if child.is_dir and not child.hardlink:
+                yield from self.walk(child.id, path + "/")
+
+    def chunks(self, entry: Entry) -> list[Chunk]:
+        """All chunks of a regular file, in file order (empty for an empty file)."""
+        if entry.kind != "reg" or entry.size == 0:
+            return []
+        rows = self._db.execute(
+            "SELECT kind, offset, inner FROM entries WHERE id=?", (entry.id,)
+        ).fetchone()
+        if rows[0] & _F_CHUNKED:
+            return [
+                Chunk(foff, size, off, self.compressed_end(off), inner or 0, digest)
+                for foff, size, off, inner, digest in self._db.execute(
+                    "SELECT foff, size, offset, inner, digest FROM chunks WHERE entry=? "
+                    "ORDER BY foff",
+                    (entry.id,),
+                )
+            ]
+        off, inner = rows[1], rows[2] or 0
+        return [Chunk(0, entry.size, off, self.compressed_end(off), inner, entry.digest)]
+
+    def chunks_for(self, entry: Entry, offset: int, length: int) -> list[Chunk]:
+        """The chunks holding bytes ``[offset, offset+length)`` of a file (clipped to EOF)."""
+        end = min(offset + length, entry.size)
+        if offset >= end:
+            return []
+        all_chunks = self.chunks(entry)
+        starts = [c.file_offset for c in all_chunks]
+        first = max(bisect.bisect_right(starts, offset) - 1, 0)
+        out = []
+        for chunk in all_chunks[first:]:
+            if chunk.file_offset >= end:
+                break
+            out.append(chunk)
+        return out
+
+    def compressed_end(self, offset: int) -> int:
+        """Where the compressed range starting at ``offset`` ends: the next payload start."""
+        i = bisect.bisect_right(self._offsets, offset)
+        return self._offsets[i] if i < len(self._offsets) else self.toc_offset
+
+    def uname(self, uid: int) -> str:
+        return self._owners.get(("u", uid), "")
+
+    def gname(self, gid: int) -> str:
+        return self._owners.get(("g", gid), "")
+
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        name_id, parent, name, kind = row[0], row[1], row[2], row[3]
+        hardlink = (kind & _KIND_MASK) == HARDLINK
+        linkname = row[9] or ""
+        if hardlink:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE id=?", (row[16],)
+            ).fetchone()
+            kind = row[3]
+        dev = row[10] or 0
+        return Entry(
+            id=row[0],
+            parent=parent,
+            name=name,
+            kind=_KINDS[kind & _KIND_MASK],
+            mode=row[4] or 0,
+            uid=row[5] or 0,
+            gid=row[6] or 0,
+            size=row[7] or 0,
+            mtime_ns=row[8],
+            linkname=linkname if hardlink else (row[9] or ""),
+            devmajor=dev >> 32,
+            devminor=dev & 0xFFFFFFFF,
+            nlink=row[15] or 1,
+            xattrs_json=row[11],
+            digest=row[12],
+            implicit=bool(kind & _F_IMPLICIT),
+            hardlink=hardlink,
+            name_id=name_id,
+        )
+
+
+def _pending_meta(db: sqlite3.Connection) -> list[tuple[str, Any]]:
+    return list(db.execute("SELECT key, value FROM meta"))
+
+
+class _Builder:
+    """One pass over the TOC entries, writing rows; then hardlinks, nlink and the indexes."""
+
+    def __init__(self, db: sqlite3.Connection, toc_offset: int) -> None:
+        self.db = db
+        self.toc_offset = toc_offset
+        self.next_id = ROOT_ID + 1
+        self.dirs: dict[str, int] = {"": ROOT_ID}
+        self.dir_updates: list[tuple[Any, ...]] = []
+        self.hardlinks: list[tuple[int, str, str]] = []  # (row id, target path, own path)
+        self.chunk_rows: list[tuple[Any, ...]] = []
+        self.offsets: set[int] = set()
+        self.owners: dict[tuple[str, int], str] = {}
+        self.landmark: str | None = None
+        self.prefetch_end: int | None = None
+        # The regular file that following "chunk" entries belong to.
+        self.cur_file: tuple[int, str, int, list[tuple[Any, ...]]] | None = None
+        self.root_row: tuple[Any, ...] = (ROOT_ID, ROOT_ID, "", DIR | _F_IMPLICIT, 0o755)
+        # Rows are streamed into one executemany; side rows wait here until it is done.
+        self.implicit_rows: list[tuple[Any, ...]] = []
+
+    def run(self, text: str) -> None:
+        self.db.executemany(
+            "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, "
+            "dev, xattrs, digest, offset, inner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            self._rows(iter_toc_entries(text)),
+        )
+        self._finish_file()
+        self.db.executemany(
+            "INSERT INTO entries (id, parent, name, kind, mode) VALUES (?,?,?,?,?)",
+            [self.root_row, *self.implicit_rows],
+        )
+        self.db.executemany(
+            "UPDATE entries SET kind=?, mode=?, uid=?, gid=?, mtime=?, xattrs=? WHERE id=?",
+            self.dir_updates,
+        )
+        self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?)", self.chunk_rows)
+        # Indexing after the bulk insert (one sort) is much faster than maintaining it.
+        self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
+        self._dedupe()
+        self._resolve_hardlinks()
+        self._count_links()
+        offsets = array.array("q", sorted(self.offsets))
+        meta: list[tuple[str, Any]] = [
+            ("offsets", offsets.tobytes()),
+            ("landmark", self.landmark),
+            ("prefetch_end", self.prefetch_end),
+        ]
+        self.db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+        self.db.executemany(
+            "INSERT INTO owners VALUES (?, ?, ?)",
+            [(k, i, n) for (k, i), n in self.owners.items()],
+        )
+
+    # Entries are validated and turned into rows here, one at a time (a generator feeding
+    # executemany, so no list of a million rows is ever held).
+    def _rows(self, entries: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, ...]]:
+        for e in entries:
+            raw_name = e["name"]
+            kind = e["type"]
+            if kind == "chunk":
+                self._add_chunk(e, raw_name)
+                continue
+            self._finish_file()
+            path = clean_name(raw_name)
+            if path in HIDDEN_NAMES:
+                if path in (LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH):
+                    self.landmark = path
+                    if path == LANDMARK_PREFETCH:
+                        self.prefetch_end = _int(e, "offset", raw_name, 0)
+                off = e.get("offset")
+                if isinstance(off, int) and off > 0:
+                    self.offsets.add(off)
+                continue
+            row = self._row(e, raw_name, path, kind)
+            if row is not None:
+                yield row
+
+    def _owner(self, e: dict[str, Any], raw_name: str) -> tuple[int, int]:
+        uid = _int(e, "uid", raw_name, 0, _MAX_ID)
+        gid = _int(e, "gid", raw_name, 0, _MAX_ID)
+        uname, gname = e.get("userName"), e.get("groupName")
+        # Names are written only on the first entry with that id: carry them forward per id.
+        if isinstance(uname, str) and uname and ("u", uid) not in self.owners:
+            self.owners[("u", uid)] = uname
+        if isinstance(gname, str) and gname and ("g", gid) not in self.owners:
+            self.owners[("g", gid)] = gname
+        return uid, gid
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        """The parent dir's id (creating implicit dirs) and the base name."""
+        head, _, base = path.rpartition("/")
+        pid = self.dirs.get(head)
+        if pid is None:
+            pid = self._implicit_dir(head)
+        return pid, base
+
+    def _implicit_dir(self, path: str) -> int:
+        grand, base = self._parent(path)
+        did = self._new_id()
+        self.dirs[path] = did
+        self.implicit_rows.append((did, grand, base, DIR | _F_IMPLICIT, 0o755))
+        return did
+
+    def _new_id(self) -> int:
+        nid = self.next_id
+        self.next_id += 1
+        return nid
+
+    def _row(self, e: dict[str, Any], raw: str, path: str, kind: str) -> tuple[Any, ...] | None:
+        mode = _int(e, "mode", raw, 0) & 0o7777
+        uid, gid = self._owner(e, raw)
+        modtime = e.get("modtime")
+        mtime = None
+        if modtime is not None:
+            if not isinstance(modtime, str):
+                raise FormatError(f"TOC entry {raw!r}: modtime is not a string")
+            mtime = parse_modtime(modtime)
+            if mtime == -62135596800 * 1_000_000_000:  # Go's zero time: unspecified
+                mtime = None
+        xattrs = e.get("xattrs")
+        xattrs_json = _check_xattrs(xattrs, raw) if xattrs else None
+        if kind == "dir":
+            code = DIR
+            if path == "":
+                self.root_row = (ROOT_ID, ROOT_ID, "", DIR, mode)
+                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, ROOT_ID))
+                return None
+            existing = self.dirs.get(path)
+            if existing is not None:
+                # A dir entry after its children (or repeated): update, keep the inode.
+                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, existing))
+                return None
+            pid, base = self._parent(path)
+            nid = self._new_id()
+            self.dirs[path] = nid
+            return (
+                nid,
+                pid,
+                base,
+                code,
+                mode,
+                uid,
+                gid,
+                0,
+                mtime,
+                None,
+                None,
+                xattrs_json,
+                None,
+                None,
+                None,
+            )
+        if path == "":
+            raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
+        pid, base = self._parent(path)
+        nid = self._new_id()
+        link = dev = digest = offset = inner = None
+        size = 0
+        code = _KIND_CODE[kind]
+        if kind == "reg":
+            size = _int(e, "size", raw, 0, _MAX_SIZE)
+            if size:
+                offset = _int(e, "offset", raw, None, self.toc_offset - 1)
+                if offset is None:
+                    raise FormatError(f"TOC entry {raw!r}: non-empty file without offset")
+                inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
+                self.offsets.add(offset)
+                cdig = e.get("chunkDigest")
+                fdig = e.get("digest")
+                digest = parse_digest(fdig or cdig, raw) if (fdig or cdig) else None
+                csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
+                if csize and csize < size:
+                    first = (
+                        nid,
+                        0,
+                        csize,
+                        offset,
+                        inner,
+                        parse_digest(cdig, raw) if cdig else None,
+                    )
+                    self.cur_file = (nid, raw, size, [first])
+                    code |= _F_CHUNKED
+            elif e.get("digest"):
+                digest = parse_digest(e["digest"], raw)
+        elif kind == "symlink":
+            link = _str(e, "linkName", raw)
+            size = len(link.encode("utf-8", "surrogateescape"))
+        elif kind == "hardlink":
+            target = clean_name(_str(e, "linkName", raw))
+            link = target
+            self.hardlinks.append((nid, target, path))
+        elif kind in ("char", "block"):
+            major = _int(e, "devMajor", raw, 0, _MAX_ID)
+            minor = _int(e, "devMinor", raw, 0, _MAX_ID)
+            dev = (major << 32) | minor
+        return (
+            nid,
+            pid,
+            base,
+            code,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            link,
+            dev,
+            xattrs_json,
+            digest,
+            offset,
+            inner,
+        )
+
+    def _add_chunk(self, e: dict[str, Any], raw: str) -> None:
+        if self.cur_file is None or clean_name(raw) != clean_name(self.cur_file[1]):
+            raise FormatError(f"TOC chunk entry {raw!r} does not follow its file's entry")
+        nid, _, _size, chunks = self.cur_file
+        foff = _int(e, "chunkOffset", raw, 0, _MAX_SIZE)
+        csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
+        offset = _int(e, "offset", raw, None, self.toc_offset - 1)
+        if offset is None:
+            raise FormatError(f"TOC chunk entry {raw!r} at {foff} has no offset")
+        inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
+        cdig = e.get("chunkDigest")
+        chunks.append((nid, foff, csize, offset, inner, parse_digest(cdig, raw) if cdig else None))
+        self.offsets.add(offset)
+
+    def _finish_file(self) -> None:
+        """Check a chunked file's chunks tile it exactly, then queue their rows."""
+        if self.cur_file is None:
+            return
+        _nid, raw, size, chunks = self.cur_file
+        self.cur_file = None
+        pos = 0
+        fixed = []
+        for i, (cid, foff, csize, off, inner, dig) in enumerate(chunks):
+            if foff != pos:
+                raise FormatError(
+                    f"TOC entry {raw!r}: chunk at {foff} does not follow the previous one "
+                    f"(expected offset {pos})"
+                )
+            if csize == 0:  # 0 means "to the end of the file"
+                csize = size - foff
+            if csize <= 0 or foff + csize > size:
+                raise FormatError(f"TOC entry {raw!r}: chunk at {foff} has a bad size {csize}")
+            if csize != size - foff and i == len(chunks) - 1:
+                raise FormatError(f"TOC entry {raw!r}: chunks cover {foff + csize} of {size} bytes")
+            fixed.append((cid, foff, csize, off, inner, dig))
+            pos = foff + csize
+        self.chunk_rows.extend(fixed)
+
+    def _dedupe(self) -> None:
+        """A name that appears twice: the later entry wins, as when extracting the tar."""
+        dups = self.db.execute(
+            "SELECT parent, name, max(id) FROM entries GROUP BY parent, name HAVING count(*) > 1"
+        ).fetchall()
+        for parent, name, keep in dups:
+            self.db.execute(
+                "DELETE FROM entries WHERE parent=? AND name=? AND id!=?", (parent, name, keep)
+            )
+
+    def _resolve_hardlinks(self) -> None:
+        if not self.hardlinks:
+            return
+        canon: dict[int, int] = {}
+        for nid, target, _path in self.hardlinks:
+            seen = set()
+            cur_target = target
+            while True:
+                if cur_target in seen:
+                    raise FormatError(f"hardlink loop at {cur_target!r}")
+                seen.add(cur_target)
+                tid = _lookup_path(self.db, cur_target)
+                if tid is None:
+                    raise FormatError(f"hardlink to {cur_target!r}, which is not in the layer")
+                row = self.db.execute(
+                    "SELECT kind, link FROM entries WHERE id=?", (tid,)
+                ).fetchone()
+                if row[0] & _KIND_MASK == HARDLINK:
+                    cur_target = row[1]
+                    continue
+                if row[0] & _KIND_MASK == DIR:
+                    raise FormatError(f"hardlink to directory {cur_target!r}")
+                canon[nid] = tid
+                break
+        self.db.executemany(
+            "UPDATE entries SET ino=? WHERE id=?", [(t, n) for n, t in canon.items()]
+        )
+
+    def _count_links(self) -> None:
+        # Directories: 2 + subdirectories. Files: 1 + hardlinks naming them.
+        self.db.execute(
+            "UPDATE entries SET nlink = 2 + (SELECT count(*) FROM entries c "
+            "WHERE c.parent = entries.id AND c.id != entries.id AND (c.kind & 15) = 1) "
+            "WHERE (kind & 15) = 1"
+        )
+        self.db.execute(
+            "UPDATE entries SET nlink = 1 + (SELECT count(*) FROM entries h WHERE h.ino = "
+            "entries.id) WHERE id IN (SELECT DISTINCT ino FROM entries WHERE ino IS NOT NULL)"
+        )
+
+
+def _lookup_path(db: sqlite3.Connection, path: str) -> int | None:
+    cur = ROOT_ID
+    for part in path.split("/") if path else []:
+        row = db.execute("SELECT id FROM entries WHERE parent=? AND name=?", (cur, part)).fetchone()
+        if row is None:
+            return None
+        cur = row[0]
+    return cur
+
+
+def _int(e: dict[str, Any], key: str, raw: str, default: int | None, maximum: int = 1 << 62) -> Any:
+    value = e.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise FormatError(f"TOC entry {raw!r}: invalid {key} {value!r}")
+    return value
+
+
+def _str(e: dict[str, Any], key: str, raw: str) -> str:
+    value = e.get(key)
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise FormatError(f"TOC entry {raw!r}: missing or invalid {key}")
+    return value
+
+
+def _check_xattrs(xattrs: object, raw: str) -> str:
+    if not isinstance(xattrs, dict):
+        raise FormatError(f"TOC entry {raw!r}: xattrs is not an object")
+    for k, v in xattrs.items():
+        if not isinstance(v, str) or not k:
+            raise FormatError(f"TOC entry {raw!r}: invalid xattr {k!r}")
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise FormatError(f"TOC entry {raw!r}: xattr {k!r} is not base64") from None
+    return json.dumps(xattrs, separators=(",", ":"), sort_keys=True)
