@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from .errors import FormatError
 from .formats.decompress import inflate_range, verify_sha256
 from .index.layer_index import Chunk, Entry, LayerIndex
 from .source import ByteSource
@@ -19,9 +20,13 @@ __all__ = ["decode_chunk", "iter_file", "read_chunk", "read_file_range"]
 
 def decode_chunk(compression: str, comp: bytes, chunk: Chunk, what: str) -> bytes:
     """Decompress one chunk's compressed range and verify it (CPU: run in a thread)."""
-    stream = inflate_range(compression, comp, chunk.inner_offset + chunk.size)
+    where = f"{what} (chunk at offset {chunk.file_offset})"
+    try:
+        stream = inflate_range(compression, comp, chunk.inner_offset + chunk.size)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
     data = stream[chunk.inner_offset : chunk.inner_offset + chunk.size]
-    verify_sha256(data, chunk.digest, f"{what} (chunk at offset {chunk.file_offset})")
+    verify_sha256(data, chunk.digest, where)
     return data
 
 

@@ -1,1 +1,51 @@
-"""index."""
+"""Layer indexes (one layer's TOC in compact, queryable form) and the merged tree."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import trio
+
+from ..formats.layer import ANNOTATION_TOC_DIGEST, read_toc
+from ..source import ByteSource
+from .layer_index import ROOT_ID, Chunk, Entry, LayerIndex
+
+__all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex", "load_index"]
+
+
+async def load_index(
+    source: ByteSource,
+    annotations: Mapping[str, str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    blob_digest: str | None = None,
+    what: str = "layer",
+) -> LayerIndex:
+    """The index of a lazy layer: reopened from ``cache_dir`` when a previous run persisted
+    it (keyed by the TOC digest the annotation vouches for, else by the blob digest), built
+    from the layer's TOC otherwise (and then persisted there).
+    """
+    annotations = annotations or {}
+    key = annotations.get(ANNOTATION_TOC_DIGEST) or blob_digest
+    path = None
+    if cache_dir is not None and key:
+        folder = os.path.join(os.fspath(cache_dir), "index")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, key.replace(":", "-") + ".sqlite")
+        if os.path.exists(path):
+            try:
+                return LayerIndex.open(path)
+            except Exception:  # a damaged cache file is rebuilt, never trusted
+                os.unlink(path)
+    toc = await read_toc(source, annotations, what=what)
+    return await trio.to_thread.run_sync(
+        lambda: LayerIndex.build(
+            toc.toc_json,
+            format=toc.format.value,
+            compression=toc.format.compression,
+            toc_offset=toc.footer.toc_offset,
+            toc_digest=toc.toc_digest,
+            path=path,
+        )
+    )

@@ -1,0 +1,224 @@
+"""Corrupt and hostile layers give the library's own errors, with clear messages."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from layer_helpers import FIXTURES, blob_with_toc, index_of_bytes
+
+from stargzfs.errors import (
+    DigestMismatchError,
+    FormatError,
+    NotLazyError,
+    StargzfsError,
+    UnsafePathError,
+)
+from stargzfs.formats.footer import estargz_footer, parse_footer
+from stargzfs.formats.layer import read_toc
+from stargzfs.index import LayerIndex
+from stargzfs.reader import read_file_range
+from stargzfs.source import BytesSource
+
+GOOD_FILE = {"name": "a.txt", "type": "reg", "size": 3, "offset": 0}
+
+
+def toc(*entries: dict[str, Any]) -> dict[str, Any]:
+    return {"version": 1, "entries": list(entries)}
+
+
+def build(doc: str | dict[str, Any], toc_offset: int = 1000) -> LayerIndex:
+    text = doc if isinstance(doc, str) else json.dumps(doc)
+    return LayerIndex.build(text, format="estargz", compression="gzip", toc_offset=toc_offset)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("../etc/passwd", "'..'"),
+        ("a/../../b", "'..'"),
+        ("/etc/shadow", "absolute"),
+        ("a\x00b", "NUL"),
+    ],
+)
+def test_hostile_names_are_rejected_naming_the_entry(name: str, why: str) -> None:
+    with pytest.raises(UnsafePathError, match=why) as info:
+        build(toc({"name": name, "type": "dir"}))
+    assert repr(name) in str(info.value)
+
+
+def test_hostile_hardlink_target_is_rejected() -> None:
+    with pytest.raises(UnsafePathError):
+        build(toc(GOOD_FILE, {"name": "l", "type": "hardlink", "linkName": "../../a.txt"}))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "f", "type": "reg", "size": -1, "offset": 0}, "invalid size"),
+        ({"name": "f", "type": "reg", "size": 1 << 60, "offset": 0}, "invalid size"),
+        ({"name": "f", "type": "reg", "size": "3", "offset": 0}, "invalid size"),
+        ({"name": "f", "type": "reg", "size": 3}, "without offset"),
+        ({"name": "f", "type": "reg", "size": 3, "offset": 5000}, "invalid offset"),
+        ({"name": "f", "type": "reg", "size": 3, "offset": 0, "digest": "md5:x"}, "digest"),
+        ({"name": "f", "type": "socket"}, "unknown type"),
+        ({"name": "f", "type": "symlink"}, "linkName"),
+        ({"name": "f", "type": "hardlink", "linkName": "missing"}, "not in the layer"),
+        ({"name": "f", "type": "dir", "mode": -5}, "invalid mode"),
+        ({"name": "f", "type": "dir", "modtime": "yesterday"}, "modtime"),
+        ({"name": "f", "type": "dir", "xattrs": {"user.a": "***"}}, "base64"),
+        ({"name": "f", "type": "chunk", "offset": 0}, "does not follow"),
+        ({"type": "dir"}, "no name"),
+    ],
+)
+def test_bad_entries_are_format_errors(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        build(toc(entry))
+
+
+def test_chunks_that_do_not_tile_the_file_are_rejected() -> None:
+    big = {"name": "f", "type": "reg", "size": 100, "offset": 0, "chunkSize": 40}
+    gap = {"name": "f", "type": "chunk", "offset": 10, "chunkOffset": 50, "chunkSize": 50}
+    with pytest.raises(FormatError, match="does not follow"):
+        build(toc(big, gap))
+    with pytest.raises(FormatError, match="cover"):
+        build(toc(big))
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ("", "expected '{'"),
+        ("[]", "expected '{'"),
+        ('{"version": 1, "entries": [', "invalid TOC JSON"),
+        ('{"version": 1}', "no 'entries'"),
+        ('{"version": 2, "entries": []}', "version"),
+        ('{"version": 1, "entries": [1]}', "not an object"),
+        ('{"version": 1, "entries": []} x', "trailing"),
+    ],
+)
+def test_malformed_toc_documents(doc: str, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        build(doc)
+
+
+async def test_footer_damage_is_reported() -> None:
+    blob = bytearray(blob_with_toc(toc(), payload=b"x" * 100))
+    blob[-51 + 16] = ord("z")  # a non-hex digit in the TOC offset
+    with pytest.raises(FormatError, match="hexadecimal"):
+        await read_toc(BytesSource(bytes(blob)))
+
+
+async def test_toc_offset_out_of_range() -> None:
+    blob = b"x" * 10 + estargz_footer(10_000)
+    with pytest.raises(FormatError, match="outside the blob"):
+        await read_toc(BytesSource(blob))
+
+
+async def test_truncated_blob() -> None:
+    whole = (FIXTURES / "basic.esgz").read_bytes()
+    cut = whole[:20000] + whole[-51:]  # payload and TOC gone, footer kept
+    with pytest.raises(FormatError):
+        await read_toc(BytesSource(cut))
+    with pytest.raises(NotLazyError, match="plain gzip"):
+        await read_toc(BytesSource(whole[:-10]))  # footer gone: just a gzip stream
+
+
+async def test_corrupt_toc_member() -> None:
+    blob = bytearray(blob_with_toc(toc(GOOD_FILE), payload=b"x" * 10))
+    blob[30] ^= 0xFF
+    with pytest.raises(FormatError):
+        await read_toc(BytesSource(bytes(blob)))
+
+
+async def test_chunk_digest_mismatch_is_never_served() -> None:
+    import gzip
+
+    payload = gzip.compress(b"hello", mtime=0)
+    entry = {"name": "h", "type": "reg", "size": 5, "offset": 0, "digest": "sha256:" + "ab" * 32}
+    index = await index_of_bytes(blob_with_toc(toc(entry), payload))
+    source = BytesSource(blob_with_toc(toc(entry), payload))
+    file = index.resolve("h")
+    assert file is not None
+    with pytest.raises(DigestMismatchError, match=r"h \(chunk at offset 0\)"):
+        await read_file_range(source, index, file, 0, 5)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(tail=st.binary(min_size=0, max_size=120), size=st.integers(0, 1 << 40))
+def test_fuzz_footers(tail: bytes, size: int) -> None:
+    try:
+        parse_footer(tail, max(size, len(tail)))
+    except FormatError:
+        pass
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(offset=st.integers(0, 1 << 64 - 1), xlen=st.integers(0, 40), sub=st.binary(max_size=4))
+def test_fuzz_footer_fields(offset: int, xlen: int, sub: bytes) -> None:
+    footer = bytearray(estargz_footer(offset % (1 << 63)))
+    struct.pack_into("<H", footer, 10, xlen)
+    footer[12 : 12 + len(sub)] = sub
+    try:
+        parse_footer(bytes(footer), 1 << 40)
+    except FormatError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+entry_strategy = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["a", "a/b", "./c", "../x", "/y", "d/", "", "a\x00", "a/b/c"])
+        | st.text(max_size=10),
+        "type": st.sampled_from(
+            ["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk", "other"]
+        ),
+    },
+    optional={
+        "size": json_values | st.integers(0, 5000),
+        "offset": json_values | st.integers(0, 2000),
+        "chunkOffset": st.integers(0, 5000) | json_values,
+        "chunkSize": st.integers(0, 5000) | json_values,
+        "linkName": st.sampled_from(["a", "a/b", "../a", "", "zz"]) | json_values,
+        "mode": json_values,
+        "uid": json_values,
+        "modtime": st.sampled_from(["2023-11-14T22:13:20Z", "2023-13-40T99:99:99Z"]) | json_values,
+        "digest": st.sampled_from(["sha256:" + "0" * 64, "sha256:zz"]) | json_values,
+        "xattrs": st.dictionaries(st.text(max_size=5), st.text(max_size=8), max_size=2)
+        | json_values,
+        "devMajor": json_values,
+        "innerOffset": json_values,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=st.lists(entry_strategy, max_size=8), version=st.sampled_from([1, 1, 1, 2, "1"]))
+def test_fuzz_tocs_raise_only_our_errors(entries: list[dict[str, Any]], version: Any) -> None:
+    doc = json.dumps({"version": version, "entries": entries})
+    try:
+        index = build(doc, toc_offset=3000)
+    except StargzfsError:
+        return
+    for path, entry in index.walk():
+        assert path
+        index.chunks(entry)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_fuzz_toc_text(data: bytes) -> None:
+    try:
+        build(data.decode("latin-1"))
+    except StargzfsError:
+        pass
