@@ -1,0 +1,65 @@
+# stargzfs developer tasks. CI runs `make test` (through .ci/run) on a fresh Debian 12 machine,
+# so every target installs what it needs itself.
+#
+#   make demo         local registry + the fixture image pushed and read back
+#   make test         system deps, venv, lint, types, full test suite
+#   make check        lint + types only
+#   make test-quick   tests without the `slow` marker
+#   make clean        caches and build leftovers (make distclean: the venv too)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PY          ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.stargzfs-installed
+LINT_PATHS  := stargzfs tests scripts
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help deps venv check lint types test test-quick demo clean distclean
+
+help:
+	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
+
+# -- setup -----------------------------------------------------------------------------------
+deps:
+	scripts/install-system-deps.sh
+
+$(BIN)/python: | deps
+	$(PY) -m venv $(VENV)
+
+# Reinstall only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | deps $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# -- checks ----------------------------------------------------------------------------------
+lint: venv
+	$(BIN)/ruff check $(LINT_PATHS)
+
+types: venv
+	$(BIN)/mypy --strict stargzfs
+
+check: lint types
+
+# pytest exits 5 when it collected nothing: that fails the target like any other failure.
+test: check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-quick: venv
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: deps
+	scripts/demo.sh
+
+# -- cleanup ---------------------------------------------------------------------------------
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info $(STAMP)
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
