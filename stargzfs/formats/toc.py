@@ -7,6 +7,7 @@ the index builder stores each in compact form before the next is decoded.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -46,6 +47,13 @@ def clean_name(name: str) -> str:
     ``./a//b/`` → ``a/b``. Rejects, naming the entry: NUL bytes, names that are absolute
     after cleaning, and ``..`` components (a layer must never reach outside its root).
     """
+    if (
+        "\x00" not in name
+        and "//" not in name
+        and "/." not in name
+        and not name.startswith(("/", "."))
+    ):
+        return name.rstrip("/")  # the common case: already clean
     if "\x00" in name:
         raise UnsafePathError(f"entry name {name!r} contains a NUL byte")
     if name.startswith("/"):
@@ -87,72 +95,120 @@ def parse_digest(value: object, what: str) -> bytes:
         raise FormatError(f"{what}: malformed digest {value!r}") from e
 
 
-def _skip_ws(text: str, pos: int) -> int:
-    m = _WS.match(text, pos)
-    return m.end() if m else pos
+_WINDOW = 4 << 20  # bytes of JSON decoded to text at a time
 
 
-def _expect(text: str, pos: int, char: str) -> int:
-    pos = _skip_ws(text, pos)
-    if pos >= len(text) or text[pos] != char:
-        found = repr(text[pos : pos + 10]) if pos < len(text) else "end of data"
-        raise FormatError(f"invalid TOC JSON at character {pos}: expected {char!r}, found {found}")
-    return pos + 1
+class _Scanner:
+    """Walks a JSON document held as bytes, decoding it to text one window at a time, so
+    a TOC of hundreds of megabytes never exists as one giant str next to its bytes."""
+
+    def __init__(self, data: bytes | str) -> None:
+        self.pos = 0
+        self.base = 0  # characters dropped before ``text``, for error positions
+        if isinstance(data, str):
+            self.text, self.final = data, True
+            self._src = memoryview(b"")
+        else:
+            self.text, self.final = "", False
+            self._src = memoryview(data)
+            self._src_pos = 0
+            self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+            self._fill()
+
+    def _fill(self) -> bool:
+        """Append the next window of input; False when there is none."""
+        if self.final:
+            return False
+        piece = self._src[self._src_pos : self._src_pos + _WINDOW]
+        self._src_pos += len(piece)
+        self.final = self._src_pos >= len(self._src)
+        new = self._decoder.decode(piece, final=self.final)
+        self.base += self.pos
+        self.text = self.text[self.pos :] + new
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next non-blank character ("" at the end), without consuming it."""
+        while True:
+            text, pos = self.text, self.pos
+            if pos < len(text) and text[pos] not in " \t\n\r":
+                return text[pos]
+            m = _WS.match(text, pos)
+            self.pos = m.end() if m else pos
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self._fill():
+                return ""
+
+    def expect(self, char: str) -> None:
+        found = self.peek()
+        if found != char:
+            where = self.base + self.pos
+            shown = repr(self.text[self.pos : self.pos + 10]) if found else "end of data"
+            raise FormatError(
+                f"invalid TOC JSON at character {where}: expected {char!r}, found {shown}"
+            )
+        self.pos += 1
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, self.pos)
+                # A value that touches the window's edge may be cut short (a number): read on.
+                if end < len(self.text) or self.final:
+                    self.pos = end
+                    return value
+            except json.JSONDecodeError as e:
+                if self.final:
+                    raise FormatError(
+                        f"invalid TOC JSON: {e.msg} at character {self.base + e.pos}"
+                    ) from None
+            self._fill()
+
+    def at_end(self) -> bool:
+        return self.peek() == ""
 
 
-def _decode(text: str, pos: int) -> tuple[Any, int]:
-    try:
-        return _DECODER.raw_decode(text, _skip_ws(text, pos))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"invalid TOC JSON: {e.msg} at character {e.pos}") from None
-
-
-def iter_toc_entries(text: str) -> Iterator[dict[str, Any]]:
+def iter_toc_entries(data: bytes | str) -> Iterator[dict[str, Any]]:
     """Yield the raw entry objects of a TOC document, one at a time, in order.
 
     Checks the document's shape (an object with ``version`` 1 and an ``entries`` array of
     objects) and each entry's ``name`` and ``type``; field-level validation is the index
     builder's. Raises :class:`FormatError` for anything else.
     """
-    pos = _expect(text, 0, "{")
+    scan = _Scanner(data)
+    scan.expect("{")
     seen_entries = False
     version: object = None
     first = True
-    while True:
-        pos = _skip_ws(text, pos)
-        if pos < len(text) and text[pos] == "}":
-            pos += 1
-            break
+    while scan.peek() != "}":
         if not first:
-            pos = _expect(text, pos, ",")
+            scan.expect(",")
         first = False
-        key, pos = _decode(text, pos)
+        key = scan.value()
         if not isinstance(key, str):
             raise FormatError("invalid TOC JSON: object key is not a string")
-        pos = _expect(text, pos, ":")
+        scan.expect(":")
         if key != "entries":
-            value, pos = _decode(text, pos)
+            value = scan.value()
             if key == "version":
                 version = value
             continue
         seen_entries = True
-        pos = _expect(text, pos, "[")
-        pos = _skip_ws(text, pos)
-        if pos < len(text) and text[pos] == "]":
-            pos += 1
-            continue
+        scan.expect("[")
         index = 0
-        while True:
-            entry, pos = _decode(text, pos)
+        while scan.peek() != "]":
+            if index:
+                scan.expect(",")
+            entry = scan.value()
             _check_entry(entry, index)
             yield entry
             index += 1
-            pos = _skip_ws(text, pos)
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            pos = _expect(text, pos, ",")
-    if _skip_ws(text, pos) != len(text):
+        scan.pos += 1
+    scan.pos += 1
+    if not scan.at_end():
         raise FormatError("invalid TOC JSON: trailing data after the document")
     if not seen_entries:
         raise FormatError("TOC has no 'entries' array")

@@ -55,6 +55,7 @@ _KIND_MASK = 0x0F
 
 _MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
 _MAX_ID = (1 << 32) - 1
+_MAX_DEV = (1 << 20) - 1  # Linux: 12-bit major, 20-bit minor
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -164,9 +165,6 @@ class LayerIndex:
         A file is written under a temporary name and renamed into place, so concurrent
         builders and readers never see a half-written index.
         """
-        text = toc_json
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "surrogateescape")
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
         if target and os.path.exists(tmp):
@@ -178,7 +176,7 @@ class LayerIndex:
             )
             db.executescript(_SCHEMA)
             db.execute("BEGIN")
-            _Builder(db, toc_offset).run(text)
+            _Builder(db, toc_offset).run(toc_json)
             meta: dict[str, Any] = {
                 "schema": SCHEMA_VERSION,
                 "format": format,
@@ -381,7 +379,7 @@ class _Builder:
         # Rows are streamed into one executemany; side rows wait here until it is done.
         self.implicit_rows: list[tuple[Any, ...]] = []
 
-    def run(self, text: str) -> None:
+    def run(self, text: bytes | str) -> None:
         self.db.executemany(
             "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, "
             "dev, xattrs, digest, offset, inner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -400,8 +398,7 @@ class _Builder:
         # Indexing after the bulk insert (one sort) is much faster than maintaining it.
         self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
         self._dedupe()
-        self._resolve_hardlinks()
-        self._count_links()
+        self._count_links(self._resolve_hardlinks())
         offsets = array.array("q", sorted(self.offsets))
         meta: list[tuple[str, Any]] = [
             ("offsets", offsets.tobytes()),
@@ -553,8 +550,8 @@ class _Builder:
             link = target
             self.hardlinks.append((nid, target, path))
         elif kind in ("char", "block"):
-            major = _int(e, "devMajor", raw, 0, _MAX_ID)
-            minor = _int(e, "devMinor", raw, 0, _MAX_ID)
+            major = _int(e, "devMajor", raw, 0, _MAX_DEV)
+            minor = _int(e, "devMinor", raw, 0, _MAX_DEV)
             dev = (major << 32) | minor
         return (
             nid,
@@ -622,9 +619,8 @@ class _Builder:
                 "DELETE FROM entries WHERE parent=? AND name=? AND id!=?", (parent, name, keep)
             )
 
-    def _resolve_hardlinks(self) -> None:
-        if not self.hardlinks:
-            return
+    def _resolve_hardlinks(self) -> dict[int, int]:
+        """Point every hardlink row at its canonical inode; returns {link row: inode}."""
         canon: dict[int, int] = {}
         for nid, target, _path in self.hardlinks:
             seen = set()
@@ -649,17 +645,21 @@ class _Builder:
         self.db.executemany(
             "UPDATE entries SET ino=? WHERE id=?", [(t, n) for n, t in canon.items()]
         )
+        return canon
 
-    def _count_links(self) -> None:
-        # Directories: 2 + subdirectories. Files: 1 + hardlinks naming them.
-        self.db.execute(
-            "UPDATE entries SET nlink = 2 + (SELECT count(*) FROM entries c "
-            "WHERE c.parent = entries.id AND c.id != entries.id AND (c.kind & 15) = 1) "
-            "WHERE (kind & 15) = 1"
-        )
-        self.db.execute(
-            "UPDATE entries SET nlink = 1 + (SELECT count(*) FROM entries h WHERE h.ino = "
-            "entries.id) WHERE id IN (SELECT DISTINCT ino FROM entries WHERE ino IS NOT NULL)"
+    def _count_links(self, canon: dict[int, int]) -> None:
+        """Directories: 2 + subdirectories. Files: 1 + the hardlinks naming them."""
+        subdirs = dict.fromkeys(self.dirs.values(), 0)
+        for (parent,) in self.db.execute(
+            "SELECT parent FROM entries WHERE (kind & 15) = ? AND id != ?", (DIR, ROOT_ID)
+        ):
+            subdirs[parent] = subdirs.get(parent, 0) + 1
+        links: dict[int, int] = {}
+        for target in canon.values():
+            links[target] = links.get(target, 1) + 1
+        self.db.executemany(
+            "UPDATE entries SET nlink=? WHERE id=?",
+            [(2 + n, d) for d, n in subdirs.items()] + [(n, f) for f, n in links.items()],
         )
 
 
@@ -675,11 +675,12 @@ def _lookup_path(db: sqlite3.Connection, path: str) -> int | None:
 
 def _int(e: dict[str, Any], key: str, raw: str, default: int | None, maximum: int = 1 << 62) -> Any:
     value = e.get(key, default)
+    # type() is, not isinstance: bool is an int subclass and must be rejected.
+    if type(value) is int and 0 <= value <= maximum:
+        return value
     if value is None:
         return default
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise FormatError(f"TOC entry {raw!r}: invalid {key} {value!r}")
-    return value
+    raise FormatError(f"TOC entry {raw!r}: invalid {key} {value!r}")
 
 
 def _str(e: dict[str, Any], key: str, raw: str) -> str:
