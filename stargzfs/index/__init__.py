@@ -10,8 +10,9 @@ import trio
 from ..formats.layer import ANNOTATION_TOC_DIGEST, read_toc
 from ..source import ByteSource
 from .layer_index import ROOT_ID, Chunk, Entry, LayerIndex
+from .merged import MergedTree, Node
 
-__all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex", "load_index"]
+__all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex", "MergedTree", "Node", "load_index"]
 
 
 async def load_index(
