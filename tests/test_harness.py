@@ -183,6 +183,13 @@ def test_token_server_policy(registry_token: Registry, oci_layout: Path) -> None
     assert resp.status_code == 200
     assert resp.headers["Docker-Content-Digest"] == FIXTURE_MANIFEST_DIGEST
 
+    # An outage of the token server: no token, nothing counted.
+    ts.fail_status = 503
+    count = ts.issued
+    down = httpx.get(challenge["realm"], params={"service": ts.service, "scope": "x"})
+    assert down.status_code == 503 and ts.issued == count
+    ts.fail_status = None
+
     # A token for another repository does not open this one.
     creds = (reg.username or "", reg.password or "")
     other = fetch_token(challenge, "repository:elsewhere:pull", creds)

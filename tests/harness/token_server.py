@@ -21,7 +21,9 @@ can assert refreshes.
 Expiry: distribution 2.8 accepts a token until 60 s *after* its ``exp`` claim (clock-skew
 leeway, ``token.Leeway``). So that ``expires_in`` means what it says, the server subtracts
 ``registry_leeway`` (60 s by default) from ``exp``: a token advertised with ``expires_in=2`` is
-really refused by the registry about 2 s after it was issued.
+really refused by the registry about 2 s after it was issued. The JWT's own ``exp`` claim
+therefore lies 60 s in the past: clients must go by ``expires_in`` (tokens are opaque to
+clients, as the spec says). Set ``registry_leeway = 0`` for honest claims.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class TokenServer:
         self.user_actions: set[str] = set(user_actions if user_actions is not None else ALL_ACTIONS)
         self.registry_leeway = registry_leeway
         self.fail_status: int | None = None
-        self._initial_policy = (expires_in, set(self.anonymous_actions), set(self.user_actions))
+        self._initial_policy = (
+            expires_in, set(self.anonymous_actions), set(self.user_actions), registry_leeway
+        )
         self.requests: list[TokenRequest] = []
         self._issued = 0
         self._lock = threading.Lock()
@@ -144,12 +148,13 @@ class TokenServer:
         self.stop()
 
     def reset_policy(self) -> None:
-        """Restore ``expires_in``, ``anonymous_actions``, ``user_actions`` and ``fail_status``
-        to their initial values (the counters stay)."""
-        expires_in, anonymous, user = self._initial_policy
+        """Restore ``expires_in``, ``anonymous_actions``, ``user_actions``, ``registry_leeway``
+        and ``fail_status`` to their initial values (the counters stay)."""
+        expires_in, anonymous, user, leeway = self._initial_policy
         self.expires_in = expires_in
         self.anonymous_actions = set(anonymous)
         self.user_actions = set(user)
+        self.registry_leeway = leeway
         self.fail_status = None
 
     @property
