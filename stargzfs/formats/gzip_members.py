@@ -1,0 +1,121 @@
+"""Writing single gzip members, the unit an eStargz blob is made of.
+
+An eStargz blob is a concatenation of independent gzip members (RFC 1952), so each member can be
+compressed on its own, in any thread, and stitched in order afterwards. The helpers here write the
+gzip framing by hand around raw deflate data instead of letting zlib do it (``wbits=31``): zlib
+stamps its compile-time OS code into the header, which would make blobs differ between platforms.
+We always write MTIME=0 and OS=255 ("unknown"), like Go's ``compress/gzip`` that upstream uses.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+
+__all__ = [
+    "ESTARGZ_FOOTER_SIZE",
+    "BytesLike",
+    "MemberWriter",
+    "compress_member",
+    "estargz_footer",
+    "member_header",
+]
+
+BytesLike = bytes | bytearray | memoryview
+
+ESTARGZ_FOOTER_SIZE = 51
+
+_OS_UNKNOWN = 255
+_FEXTRA = 0x04
+
+
+def member_header(level: int) -> bytes:
+    """The 10-byte header of a deflate gzip member without name, comment or mtime."""
+    # XFL: 2 = "maximum compression", 4 = "fastest"; informational only (RFC 1952 2.3.1).
+    xfl = 2 if level == 9 else 4 if level == 1 else 0
+    return bytes((0x1F, 0x8B, 8, 0, 0, 0, 0, 0, xfl, _OS_UNKNOWN))
+
+
+def _trailer(crc: int, size: int) -> bytes:
+    return struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
+def compress_member(segments: Sequence[BytesLike], level: int) -> bytes:
+    """One complete gzip member holding ``segments`` concatenated.
+
+    Safe to call from worker threads: ``zlib.compress`` and ``zlib.crc32`` release the GIL for
+    any buffer worth compressing in parallel.
+    """
+    # One deflate call over a joined buffer is cheaper than a compressobj fed many small
+    # header segments, and the copy is small next to the compression itself.
+    data = segments[0] if len(segments) == 1 else b"".join(segments)
+    body = zlib.compress(data, level, -zlib.MAX_WBITS)
+    return b"".join((member_header(level), body, _trailer(zlib.crc32(data), len(data))))
+
+
+class MemberWriter:
+    """A gzip member compressed incrementally; each method returns compressed bytes to emit.
+
+    Used where members must be produced in sequence (min-chunk-size packing, which has to know
+    the compressed size so far) or may be too large to hold in memory (the TOC).
+    """
+
+    def __init__(self, level: int) -> None:
+        self._level = level
+        self._z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._crc = 0
+        self.uncompressed_size = 0
+        self._started = False
+        self._finished = False
+
+    def _head(self) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return member_header(self._level)
+
+    def start(self) -> bytes:
+        """The member header; writing it early makes the member's compressed size exact."""
+        return self._head()
+
+    def compress(self, data: BytesLike) -> bytes:
+        self._crc = zlib.crc32(data, self._crc)
+        self.uncompressed_size += len(data)
+        return self._head() + self._z.compress(data)
+
+    def flush_sync(self) -> bytes:
+        """Everything compressed so far, ending on a byte boundary (Z_SYNC_FLUSH).
+
+        The same as Go's ``gzip.Writer.Flush`` that upstream calls before measuring how big
+        the current member has grown.
+        """
+        return self._head() + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def finish(self) -> bytes:
+        if self._finished:
+            return b""
+        self._finished = True
+        return (
+            self._head()
+            + self._z.flush(zlib.Z_FINISH)
+            + _trailer(self._crc, self.uncompressed_size)
+        )
+
+
+def estargz_footer(toc_offset: int) -> bytes:
+    """The 51-byte eStargz footer: an empty gzip member whose Extra field points at the TOC.
+
+    Layout (RFC 1952): header with FLG=FEXTRA, XLEN=26, one subfield ``S`` ``G`` LEN=22 holding
+    ``%016x`` of the TOC member's offset followed by ``STARGZ``; then an empty final stored
+    deflate block and a zero CRC/ISIZE trailer. Byte-identical to upstream's footer.
+    """
+    if not 0 <= toc_offset < 1 << 64:
+        raise ValueError(f"TOC offset out of range: {toc_offset}")
+    subfield = b"%016xSTARGZ" % toc_offset
+    extra = b"SG" + struct.pack("<H", len(subfield)) + subfield
+    header = bytes((0x1F, 0x8B, 8, _FEXTRA, 0, 0, 0, 0, 0, _OS_UNKNOWN))
+    empty_final_block = b"\x01\x00\x00\xff\xff"
+    footer = header + struct.pack("<H", len(extra)) + extra + empty_final_block + _trailer(0, 0)
+    assert len(footer) == ESTARGZ_FOOTER_SIZE
+    return footer
