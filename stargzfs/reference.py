@@ -320,6 +320,7 @@ class Platform:
     def parse(cls, text: str) -> Platform:
         """Parse ``os/arch[/variant]``, ``os``, or ``arch`` (the rest from the host)."""
         parts = text.strip().lower().split("/")
+        parts[0] = _normalize_os(parts[0])
         if not text.strip() or len(parts) > 3 or not all(_OS_PART_RE.fullmatch(p) for p in parts):
             raise UsageError(
                 f"invalid platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/arm64/v8"

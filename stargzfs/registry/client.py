@@ -109,7 +109,8 @@ MAX_REDIRECTS = 10
 MAX_RANGES_PER_REQUEST = 16
 MAX_PAGES = 100_000
 # Hash inline below this; above, a worker thread (hashlib releases the GIL for big inputs).
-_THREAD_HASH_MIN = 256 * 1024
+_THREAD_HASH_MIN = 1024 * 1024
+# Chunk size when replaying a spilled (local) blob as a stream.
 _STREAM_CHUNK = 256 * 1024
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=30.0, read=60.0, write=60.0, pool=120.0)
@@ -238,24 +239,48 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
     body = bytearray()
-    async for chunk in resp.aiter_raw():
+    async for chunk in resp.aiter_bytes():
         body += chunk
         if len(body) > limit:
             raise FormatError(f"{what}: response larger than {limit} bytes")
     return bytes(body)
 
 
-async def _hash_update(hasher: hashlib._Hash, data: bytes) -> None:
-    if len(data) >= _THREAD_HASH_MIN:
-        await trio.to_thread.run_sync(hasher.update, data)
-    else:
-        hasher.update(data)
-
-
 def _check_digest(hasher: hashlib._Hash, digest: str, what: str) -> None:
     actual = f"{hasher.name}:{hasher.hexdigest()}"
     if actual != digest:
         raise DigestMismatchError(what, digest, actual)
+
+
+class _StreamHasher:
+    """Hashes a body as it streams. Network chunks are small; they are batched so the hashing
+    runs in a worker thread a megabyte at a time instead of on the event loop."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self._hasher = new_hasher(digest)
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    async def update(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= _THREAD_HASH_MIN:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        if len(data) >= _THREAD_HASH_MIN:
+            await trio.to_thread.run_sync(self._hasher.update, data)
+        else:
+            self._hasher.update(data)
+
+    async def verify(self, what: str) -> None:
+        """Raise :class:`DigestMismatchError` unless everything fed matches the digest."""
+        await self._flush()
+        _check_digest(self._hasher, self.digest, what)
 
 
 # --------------------------------------------------------------------------- the client
@@ -738,7 +763,9 @@ class RegistryClient:
                 await response.aclose()
 
     async def _iter_body(self, blob: _Blob, resp: httpx.Response) -> AsyncGenerator[bytes, None]:
-        async for chunk in resp.aiter_raw(_STREAM_CHUNK):
+        # As received: a re-chunking buffer would lose what arrived before a dropped
+        # connection, and resuming could not start from there.
+        async for chunk in resp.aiter_bytes():
             blob.stats.bytes += len(chunk)
             self.stats.bytes += len(chunk)
             yield chunk
@@ -868,14 +895,14 @@ class RegistryClient:
             for start in range(offset, blob.local.size, _STREAM_CHUNK):
                 yield await blob.local.read_at(start, min(_STREAM_CHUNK, blob.local.size - start))
             return
-        hasher = new_hasher(digest) if verify else None
+        hasher = _StreamHasher(digest) if verify else None
         async with aclosing(self._iter_blob(blob, offset)) as chunks:
             async for chunk in chunks:
                 if hasher is not None:
-                    await _hash_update(hasher, chunk)
+                    await hasher.update(chunk)
                 yield chunk
         if hasher is not None:
-            _check_digest(hasher, digest, f"blob {digest} in {repo}")
+            await hasher.verify(f"blob {digest} in {repo}")
 
     async def get_blob(
         self, repo: Repository, digest: str, *, max_size: int | None = None
@@ -987,12 +1014,12 @@ class RegistryClient:
             )
             writer = await self._spill(blob.digest, blob.size)
             try:
-                hasher = new_hasher(blob.digest)
+                hasher = _StreamHasher(blob.digest)
                 async with aclosing(self._iter_blob(blob, 0)) as chunks:
                     async for chunk in chunks:
-                        await _hash_update(hasher, chunk)
+                        await hasher.update(chunk)
                         await writer.write(chunk)
-                _check_digest(hasher, blob.digest, f"blob {blob.digest} in {blob.repo}")
+                await hasher.verify(f"blob {blob.digest} in {blob.repo}")
                 blob.local = await writer.finish()
             except BaseException:
                 await writer.discard()

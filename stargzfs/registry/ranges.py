@@ -92,8 +92,7 @@ def parse_multipart_byteranges(body: bytes, boundary: str) -> list[Part]:
             raise FormatError("truncated multipart/byteranges body")
         head_end = body.find(b"\r\n\r\n", eol)
         if head_end < 0:
-            # A part with no headers at all has the empty line right after the delimiter.
-            raise FormatError("multipart/byteranges part without headers")
+            raise FormatError("truncated multipart/byteranges part headers")
         headers = body[eol + 2 : head_end].decode("latin-1")
         content_range: ContentRange | None = None
         for line in headers.split("\r\n"):
