@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import NotFoundError
 from .layer_index import ROOT_ID, Entry, LayerIndex
 
-__all__ = ["MERGED_ROOT_INO", "MergedTree", "Node", "OPAQUE_MARKER", "WHITEOUT_PREFIX"]
+__all__ = ["MERGED_ROOT_INO", "OPAQUE_MARKER", "WHITEOUT_PREFIX", "MergedTree", "Node"]
 
 MERGED_ROOT_INO = 1
 WHITEOUT_PREFIX = ".wh."
@@ -139,9 +139,9 @@ class MergedTree:
             if name == last or name.startswith(WHITEOUT_PREFIX):
                 continue
             last = name
-            node = self.lookup(parent, name)
-            if node is not None:
-                out.append(node)
+            found = self.lookup(parent, name)
+            if found is not None:
+                out.append(found)
         return out
 
     def nlink(self, node: Node) -> int:

@@ -1,0 +1,213 @@
+"""pyfuse3 operations over an :class:`~stargzfs.view.ImageView`: a thin, read-only adapter.
+
+Every handler is wrapped so that no exception but ``FUSEError`` reaches pyfuse3 (anything
+else kills the daemon and leaves "Transport endpoint is not connected" behind): the
+project's errors become their errno, anything unexpected becomes EIO with a log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from ..errors import StargzfsError
+from ..index import Node
+from ..view import ImageView
+
+__all__ = ["ImageOperations"]
+
+log = logging.getLogger(__name__)
+
+# The image never changes under a mount: let the kernel cache names and attributes.
+CACHE_TIMEOUT = 24 * 3600.0
+BLOCK_SIZE = 128 * 1024  # st_blksize: makes cp & co. read in large pieces
+
+_TYPE_BITS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _guard(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except StargzfsError as e:
+            log.warning("%s: %s", func.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class ImageOperations(pyfuse3.Operations):
+    """Read-only FUSE view of a merged image."""
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, view: ImageView) -> None:
+        super().__init__()
+        self.view = view
+        self.tree = view.tree
+        self._next_fh = 1
+        self._files: dict[int, Node] = {}
+        self._dirs: dict[int, list[Node]] = {}
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        entry = node.entry
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.generation = 0
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_mode = _TYPE_BITS[entry.kind] | entry.mode
+        attr.st_nlink = self.tree.nlink(node)
+        attr.st_uid = entry.uid
+        attr.st_gid = entry.gid
+        attr.st_rdev = os.makedev(entry.devmajor, entry.devminor)
+        attr.st_size = entry.size
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = (entry.size + 511) // 512
+        mtime = entry.mtime_ns or 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        return attr
+
+    def _node(self, inode: int) -> Node:
+        return self.tree.get(inode)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attr(self._node(inode))
+
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self._attr(parent)
+        if text == "..":
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
+        node = self.tree.lookup(parent, text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    @_guard
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self._node(inode)
+        if node.entry.kind != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.entry.linkname)
+
+    # -- directories --------------------------------------------------------------------
+
+    @_guard
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._new_fh()
+        self._dirs[fh] = self.tree.children(node)
+        return fh
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        children = self._dirs.get(fh)
+        if children is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for i in range(start_id, len(children)):
+            node = children[i]
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(node.entry.name), self._attr(node), i + 1
+            ):
+                break
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files --------------------------------------------------------------------------
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if node.entry.kind != "reg":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = self._new_fh()
+        self._files[fh] = node
+        # keep_cache: the page cache stays valid across opens (the image is immutable).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._files.get(fh)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.view.read(node, off, size)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    # -- extended attributes, statfs ------------------------------------------------------
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        xattrs = self._node(inode).entry.xattrs
+        value = xattrs.get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [os.fsencode(k) for k in self._node(inode).entry.xattrs]
+
+    @_guard
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        total = sum(layer.index.entry_count for layer in self.view.layers)
+        data.f_blocks = sum(layer.source.size for layer in self.view.layers) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = total
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- read-only: every modification is EROFS ----------------------------------------
+
+    async def _erofs(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
+    create = write = setxattr = removexattr = _erofs
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh

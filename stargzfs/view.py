@@ -1,0 +1,54 @@
+"""An image's filesystem as the front ends see it: the merged tree plus the means to read
+file contents. FUSE, ``cat``/``get`` and the materializer all go through this; none of them
+knows where the bytes come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from .errors import NotFoundError, UsageError
+from .index import LayerIndex, MergedTree, Node
+from .reader import iter_file, read_file_range
+from .source import ByteSource
+
+__all__ = ["ImageView", "LayerView"]
+
+
+@dataclass(slots=True)
+class LayerView:
+    """One layer: where its bytes are, its index, and what to call it in messages."""
+
+    source: ByteSource
+    index: LayerIndex
+    name: str = "layer"
+
+
+class ImageView:
+    """The merged filesystem of ``layers`` (bottom first)."""
+
+    def __init__(self, layers: Sequence[LayerView]) -> None:
+        self.layers = list(layers)
+        self.tree = MergedTree([layer.index for layer in self.layers])
+
+    def resolve(self, path: str) -> Node:
+        node = self.tree.resolve(path)
+        if node is None:
+            raise NotFoundError(f"{path}: no such file or directory in the image")
+        return node
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """File bytes ``[offset, offset+size)`` (short at end of file)."""
+        if node.entry.kind != "reg":
+            raise UsageError(f"{node.entry.name}: not a regular file")
+        layer = self.layers[node.layer]
+        return await read_file_range(layer.source, layer.index, node.entry, offset, size)
+
+    async def iter_file(self, node: Node) -> AsyncIterator[bytes]:
+        """A whole regular file, chunk by chunk, each verified."""
+        if node.entry.kind != "reg":
+            raise UsageError(f"{node.entry.name}: not a regular file")
+        layer = self.layers[node.layer]
+        async for piece in iter_file(layer.source, layer.index, node.entry):
+            yield piece

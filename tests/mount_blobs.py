@@ -1,0 +1,29 @@
+"""Test helper process: mount local layer blobs (bottom first) with the real FUSE daemon.
+
+Usage: python tests/mount_blobs.py MOUNTPOINT BLOB [BLOB...]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import trio
+
+from stargzfs.fuse.daemon import serve
+from stargzfs.index import load_index
+from stargzfs.source import FileSource
+from stargzfs.view import ImageView, LayerView
+
+
+async def main(mountpoint: str, blobs: list[str]) -> None:
+    layers = []
+    for blob in blobs:
+        source = FileSource(blob)
+        layers.append(LayerView(source, await load_index(source), blob))
+    await serve(ImageView(layers), mountpoint)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    trio.run(main, sys.argv[1], sys.argv[2:])

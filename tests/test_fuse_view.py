@@ -1,0 +1,110 @@
+"""The FUSE adapter, mounted for real over local fixture blobs: what `ls`, `stat`,
+`cat`, `getfattr` see must be the reference's expected merged tree."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from layer_helpers import FIXTURES
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent"),
+]
+
+RUNNER = Path(__file__).with_name("mount_blobs.py")
+TYPES = {
+    "dir": stat.S_ISDIR,
+    "reg": stat.S_ISREG,
+    "symlink": stat.S_ISLNK,
+    "hardlink": stat.S_ISREG,
+    "char": stat.S_ISCHR,
+    "block": stat.S_ISBLK,
+    "fifo": stat.S_ISFIFO,
+}
+
+
+def walk(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def check_tree(mnt: Path, exp: dict[str, Any], *, dir_nlink: bool) -> None:
+    assert walk(mnt) == [e["path"] for e in exp["entries"]]
+    for want in exp["entries"]:
+        path = mnt / want["path"]
+        st = os.lstat(path)
+        assert TYPES[want["type"]](st.st_mode), want["path"]
+        assert stat.S_IMODE(st.st_mode) == want["mode"], want["path"]
+        assert (st.st_uid, st.st_gid) == (want["uid"], want["gid"]), want["path"]
+        if want["mtime"] is not None:
+            assert int(st.st_mtime) == want["mtime"], want["path"]
+        if want["type"] != "dir" or dir_nlink:
+            assert st.st_nlink == want["nlink"], want["path"]
+        if want["type"] == "symlink":
+            assert os.readlink(path) == want["linkname"]
+        if want["type"] in ("char", "block"):
+            assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (
+                want["devmajor"],
+                want["devminor"],
+            )
+        if want["sha256"] and want["type"] in ("reg", "hardlink"):
+            assert st.st_size == want["size"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == want["sha256"], want["path"]
+        for name, value in want["xattrs"].items():
+            import base64
+
+            assert os.getxattr(path, name, follow_symlinks=False) == base64.b64decode(value)
+    if "inode_path" in json.dumps(exp):
+        for want in exp["entries"]:
+            if want["type"] == "hardlink":
+                a = os.lstat(mnt / want["path"])
+                b = os.lstat(mnt / want["inode_path"])
+                assert a.st_ino == b.st_ino
+
+
+def test_single_layer_mount_matches_reference(mounter: Any, mountpoint: Path) -> None:
+    exp = json.loads((FIXTURES / "basic.json").read_text())
+    mounter(
+        [sys.executable, str(RUNNER), str(mountpoint), str(FIXTURES / "basic.esgz")], mountpoint
+    )
+    check_tree(mountpoint, exp, dir_nlink=True)
+    # Read-only, and errors are errno values, not a dead daemon.
+    with pytest.raises(OSError) as info:
+        (mountpoint / "etc" / "new").write_text("x")
+    assert info.value.errno == errno.EROFS
+    with pytest.raises(FileNotFoundError):
+        os.stat(mountpoint / "nope")
+    assert os.listdir(mountpoint)  # still serving
+    vfs = os.statvfs(mountpoint)
+    assert vfs.f_files > 0
+
+
+def test_merged_two_layer_mount_matches_reference(mounter: Any, mountpoint: Path) -> None:
+    exp = json.loads((FIXTURES / "whiteout-merged.json").read_text())
+    blobs = [str(FIXTURES / "basic.esgz"), str(FIXTURES / "whiteout-upper.esgz")]
+    mounter([sys.executable, str(RUNNER), str(mountpoint), *blobs], mountpoint)
+    check_tree(mountpoint, exp, dir_nlink=True)
+
+
+def test_zstd_chunked_and_chunked_files(mounter: Any, mountpoint: Path) -> None:
+    exp = json.loads((FIXTURES / "chunked.json").read_text())
+    mounter(
+        [sys.executable, str(RUNNER), str(mountpoint), str(FIXTURES / "chunked.esgz")], mountpoint
+    )
+    check_tree(mountpoint, exp, dir_nlink=True)
+    big = mountpoint / "data" / "random-300000.bin"
+    with open(big, "rb") as f:
+        f.seek(65530)
+        assert len(f.read(20)) == 20
