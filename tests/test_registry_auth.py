@@ -208,6 +208,22 @@ async def test_bearer_flow_fetches_one_token_for_many_requests() -> None:
     assert client.tokens_fetched == 1
 
 
+async def test_concurrent_first_requests_share_one_token() -> None:
+    fake = FakeRegistry(auth="bearer")
+    fake.add_manifest("app", MANIFEST, tag="v1")
+    results: list[bytes] = []
+    async with fake.client() as client:
+
+        async def fetch() -> None:
+            results.append((await client.get_manifest(parse_reference(f"{REGISTRY}/app:v1"))).data)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(fetch)
+    assert results == [MANIFEST] * 10
+    assert fake.tokens_issued == 1
+
+
 async def test_token_revoked_mid_session_is_refreshed_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

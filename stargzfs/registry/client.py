@@ -193,6 +193,19 @@ def _redact(url: httpx.URL | str) -> str:
     return f"{u.scheme}://{u.netloc.decode('ascii')}{u.path}"
 
 
+class _RedactQueries(logging.Filter):
+    """httpx logs every request's full URL at INFO: drop query strings (presigned object-store
+    URLs carry their signatures there) before ``--verbose`` prints them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
+            record.args = tuple(_redact(a) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactQueries())
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
     port = url.port or (443 if url.scheme == "https" else 80)
     return url.scheme, url.host, port
@@ -485,10 +498,14 @@ class RegistryClient:
         finally:
             await response.aclose()
         code, message = _registry_error(body)
-        detail = f"HTTP {status}" + (f" ({message})" if message else "")
-        # Say so when the object store behind a redirect failed, not the registry.
+        # Say so when the object store behind a redirect failed, not the registry; and do
+        # not quote its free-form errors (S3 echoes the signature it rejected).
         netloc = response.url.netloc.decode("ascii")
-        where = "" if target is None or netloc == target.host else f" from {netloc}"
+        foreign = target is not None and netloc != target.host
+        where = f" from {netloc}" if foreign else ""
+        if foreign and code is None:
+            message = ""
+        detail = f"HTTP {status}" + (f" ({message})" if message else "")
         if status == 429 or status >= 500:
             raise Transient(
                 Failure(
@@ -502,11 +519,11 @@ class RegistryClient:
             raise _RangeRefused(status)
         if status == 404 or code in _NOT_FOUND_CODES:
             raise NotFoundError(f"{what} not found ({detail}{where})")
+        if status == 403 or (status == 401 and foreign):
+            raise AuthError(f"{what}: access denied ({detail}{where})")
         if status == 401:
             why = await self._auth.describe_failure(target) if target is not None else ""
             raise AuthError(f"{what}: authentication required ({detail}{where}); {why}".rstrip())
-        if status == 403:
-            raise AuthError(f"{what}: access denied ({detail}{where})")
         if status == 405 or code == "UNSUPPORTED":
             raise UnsupportedError(f"{what}: not supported by the registry ({detail})")
         raise RegistryError(f"{what}: {detail}{where}", status=status, code=code)
@@ -817,6 +834,7 @@ class RegistryClient:
             endpoints.remove(blob.endpoint)
             endpoints.insert(0, blob.endpoint)
         index = 0
+        end: int | None = None
         while True:
             ep = endpoints[index]
             headers = {"Range": f"bytes={pos}-"} if pos > 0 and blob.ranges is not False else {}
@@ -848,6 +866,8 @@ class RegistryClient:
             except httpx.TransportError as e:
                 if not is_transient(e):
                     raise RegistryError(f"{what}: {type(e).__name__}: {e}") from None
+                if end is not None and pos >= end:
+                    return  # every byte arrived; only the connection's goodbye was lost
                 failure = Failure(f"{type(e).__name__}: {e or 'connection dropped'}")
             log.debug("%s: %s at byte %d; resuming", what, failure.detail, pos)
             await budget.wait(failure)
@@ -1033,10 +1053,13 @@ class RegistryClient:
         Uses multi-range requests (``multipart/byteranges``) once the blob has proven single
         range support and the host has not refused them; otherwise concurrent single ranges.
         """
+        blob = self._blob(repo, digest)
         for offset, length in ranges:
             if offset < 0 or length < 0:
                 raise UsageError(f"invalid blob range {offset}+{length}")
-        blob = self._blob(repo, digest)
+            if blob.size is not None:
+                # A bad range must not make a host look unable to do multi-range requests.
+                check_range(blob.size, offset, length, f"blob {digest}")
         results: list[bytes | None] = [b"" if n == 0 else None for _, n in ranges]
         todo = [i for i, (_, n) in enumerate(ranges) if n > 0]
         ep = blob.endpoint
