@@ -31,6 +31,7 @@ __all__ = [
     "new_hasher",
     "parse_digest",
     "parse_reference",
+    "registry_credential_key",
     "validate_digest",
 ]
 

@@ -20,7 +20,6 @@ import trio
 from ..errors import RegistryError
 
 __all__ = [
-    "NO_RETRY",
     "Failure",
     "RetryBudget",
     "RetryPolicy",
@@ -42,8 +41,6 @@ class RetryPolicy:
     # better a clear error than a mount that hangs for an hour.
     max_retry_after: float = 60.0
 
-
-NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 @dataclass(frozen=True)
