@@ -44,6 +44,7 @@ from stargzfs.registry import (
     RegistryBlobSource,
     RegistryClient,
     RetryPolicy,
+    TempSpill,
     parse_mirror_option,
 )
 from stargzfs.registry.endpoints import load_registries_conf, parse_registries_conf
@@ -331,6 +332,18 @@ async def test_200_instead_of_206_downloads_the_blob_once() -> None:
     # One probe answered 200 (closed unread), one verified download; the rest is local.
     assert stats.requests == 2
     assert stats.bytes == len(BLOB)
+    assert sum(1 for r in fake.requests if "range" not in r.headers) == 1
+
+
+async def test_200_instead_of_206_spills_big_blobs_to_an_anonymous_file(tmp_path: Path) -> None:
+    fake = blob_fake(ranges=False)
+    spill = TempSpill(max_memory=64 * 1024, directory=str(tmp_path))
+    async with fake.client(spill=spill) as client:
+        assert await client.get_blob_range(REPO, DIGEST, 299_000, 1000) == BLOB[299_000:]
+        assert await client.get_blob_range(REPO, DIGEST, 1, 2) == BLOB[1:3]
+        assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing to clean up
+        async with aclosing(client.stream_blob(REPO, DIGEST)) as chunks:
+            assert b"".join([c async for c in chunks]) == BLOB  # replayed from the copy
     assert sum(1 for r in fake.requests if "range" not in r.headers) == 1
 
 

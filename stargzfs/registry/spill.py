@@ -20,8 +20,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import FormatError
-from ..source import ByteSource, BytesSource, check_range
+from ..source import ByteSource, BytesSource, FileSource
 
 __all__ = ["SpillFactory", "SpillWriter", "TempSpill"]
 
@@ -44,43 +43,12 @@ class SpillWriter(Protocol):
 SpillFactory = Callable[[str, int | None], Awaitable[SpillWriter]]
 
 
-class _FdSource:
-    """A spilled blob in an unlinked temporary file."""
-
-    def __init__(self, fd: int, size: int, name: str) -> None:
-        self._fd = fd
-        self._size = size
-        self.name = name
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def _read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise FormatError(f"spilled copy of {self.name}: short read at {offset}")
-        return data
-
-    async def read_at(self, offset: int, length: int) -> bytes:
-        check_range(self._size, offset, length, self.name)
-        if length <= 256 * 1024:
-            return self._read(offset, length)
-        return await trio.to_thread.run_sync(self._read, offset, length)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class _TempWriter:
     def __init__(self, owner: TempSpill, digest: str, size: int | None) -> None:
         self._owner = owner
         self._digest = digest
         self._buf = bytearray()
         self._fd = -1
-        self._written = 0
         if size is not None and size > owner.max_memory:
             self._open_file()
 
@@ -101,14 +69,15 @@ class _TempWriter:
             while view:
                 n = await trio.to_thread.run_sync(os.write, self._fd, view)
                 view = view[n:]
-        self._written += len(data)
 
     async def finish(self) -> ByteSource:
         if self._fd < 0:
             return BytesSource(bytes(self._buf), self._digest)
-        source = _FdSource(self._fd, self._written, self._digest)
-        self._owner._open.append(source)
+        # The file has no name left: reopen it through its descriptor for pread access.
+        source = FileSource(f"/proc/self/fd/{self._fd}")
+        os.close(self._fd)
         self._fd = -1
+        self._owner._open.append(source)
         return source
 
     async def discard(self) -> None:
@@ -124,7 +93,7 @@ class TempSpill:
     def __init__(self, *, max_memory: int = 16 * 1024 * 1024, directory: str | None = None):
         self.max_memory = max_memory
         self.directory = directory
-        self._open: list[_FdSource] = []
+        self._open: list[FileSource] = []
 
     async def __call__(self, digest: str, size: int | None) -> SpillWriter:
         return _TempWriter(self, digest, size)
