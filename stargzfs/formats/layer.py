@@ -112,9 +112,7 @@ async def read_toc(
         toc_json = await trio.to_thread.run_sync(_gzip_toc, raw, what)
     else:
         _check_zstd_checksum(raw, annotations, what)
-        toc_json = await trio.to_thread.run_sync(
-            _zstd_toc, raw, footer.toc_uncompressed_size, what
-        )
+        toc_json = await trio.to_thread.run_sync(_zstd_toc, raw, footer.toc_uncompressed_size, what)
     digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     expected = annotations.get(ANNOTATION_TOC_DIGEST)
     if expected is not None and expected != digest:
