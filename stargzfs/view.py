@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from .cache import ChunkCache
 from .errors import NotFoundError, UsageError
 from .index import LayerIndex, MergedTree, Node
-from .reader import iter_file, read_file_range
+from .reader import ChunkReader, iter_file
 from .source import ByteSource
 
 __all__ = ["ImageView", "LayerView"]
@@ -28,9 +29,11 @@ class LayerView:
 class ImageView:
     """The merged filesystem of ``layers`` (bottom first)."""
 
-    def __init__(self, layers: Sequence[LayerView]) -> None:
+    def __init__(self, layers: Sequence[LayerView], cache: ChunkCache | None = None) -> None:
         self.layers = list(layers)
         self.tree = MergedTree([layer.index for layer in self.layers])
+        self.cache = cache if cache is not None else ChunkCache(None)
+        self.readers = [ChunkReader(lv.source, lv.index, self.cache) for lv in self.layers]
 
     def resolve(self, path: str) -> Node:
         node = self.tree.resolve(path)
@@ -42,8 +45,7 @@ class ImageView:
         """File bytes ``[offset, offset+size)`` (short at end of file)."""
         if node.entry.kind != "reg":
             raise UsageError(f"{node.entry.name}: not a regular file")
-        layer = self.layers[node.layer]
-        return await read_file_range(layer.source, layer.index, node.entry, offset, size)
+        return await self.readers[node.layer].read(node.entry, offset, size)
 
     async def iter_file(self, node: Node) -> AsyncIterator[bytes]:
         """A whole regular file, chunk by chunk, each verified."""

@@ -1,1 +1,5 @@
-"""cache."""
+"""Caches: verified chunks (memory LRU + content-addressed disk store)."""
+
+from .chunk_cache import CacheStats, ChunkCache
+
+__all__ = ["CacheStats", "ChunkCache"]

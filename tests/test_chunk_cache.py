@@ -1,0 +1,82 @@
+"""Chunk cache: content-addressed, verified on the way back from disk, single flight."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from layer_helpers import FIXTURES, CountingSource, index_of
+
+from stargzfs.cache import ChunkCache
+from stargzfs.reader import ChunkReader
+from stargzfs.source import FileSource
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent")
+BIG = "data/random-300000.bin"
+
+
+async def reader_for(cache: ChunkCache) -> tuple[ChunkReader, CountingSource]:
+    source = CountingSource(FileSource(FIXTURES / "chunked.esgz"))
+    index = await index_of(source)
+    source.reads.clear()
+    return ChunkReader(source, index, cache), source
+
+
+async def test_disk_cache_survives_a_new_process_view(tmp_path: Path) -> None:
+    reader, source = await reader_for(ChunkCache(tmp_path))
+    entry = reader.index.resolve(BIG)
+    assert entry is not None
+    first = await reader.read(entry, 0, entry.size)
+    assert len(source.reads) == len(reader.index.chunks(entry))
+    # A fresh cache object on the same directory (a remount): no reads from the blob.
+    again, source2 = await reader_for(ChunkCache(tmp_path))
+    assert await again.read(entry, 0, entry.size) == first
+    assert source2.reads == []
+    assert again.cache.stats.disk_hits == len(again.index.chunks(entry))
+    files = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
+    assert all(not p.name.startswith(".tmp-") for p in files)
+    assert hashlib.sha256(first).hexdigest() == (
+        "55d4d18a6d0124a45b51592ff386315f02ba146ea13d508e2125dcc4f062f413"
+    )
+
+
+async def test_corrupt_disk_entry_is_dropped_not_served(tmp_path: Path) -> None:
+    reader, _ = await reader_for(ChunkCache(tmp_path))
+    entry = reader.index.resolve(BIG)
+    assert entry is not None
+    good = await reader.read(entry, 0, 1000)
+    for path in (tmp_path / "chunks").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    again, source = await reader_for(ChunkCache(tmp_path))
+    assert await again.read(entry, 0, 1000) == good
+    assert again.cache.stats.corrupt == 1 and len(source.reads) == 1
+
+
+async def test_concurrent_readers_share_one_fetch() -> None:
+    reader, source = await reader_for(ChunkCache(None))
+    entry = reader.index.resolve(BIG)
+    assert entry is not None
+    results: list[bytes] = []
+
+    async def read() -> None:
+        results.append(await reader.read(entry, 70000, 100000))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(read)
+    assert len(set(results)) == 1 and len(results[0]) == 100000
+    chunks = reader.index.chunks_for(entry, 70000, 100000)
+    assert reader.fetches == len(chunks) == len(source.reads)
+
+
+def test_memory_only_cache_is_bounded() -> None:
+    cache = ChunkCache(None, memory_bytes=1000)
+    blobs = [os.urandom(400) for _ in range(5)]
+    for b in blobs:
+        cache.put(hashlib.sha256(b).digest(), b)
+    present = [cache.get(hashlib.sha256(b).digest()) is not None for b in blobs]
+    assert present == [False, False, False, True, True]
