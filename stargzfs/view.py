@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import trio
+
 from .cache import ChunkCache
 from .errors import NotFoundError, UsageError
 from .index import LayerIndex, MergedTree, Node
-from .reader import ChunkReader, iter_file
+from .reader import ChunkReader, decode_chunk, iter_file
 from .source import ByteSource
 
 __all__ = ["ImageView", "LayerView"]
@@ -46,6 +48,32 @@ class ImageView:
         if node.entry.kind != "reg":
             raise UsageError(f"{node.entry.name}: not a regular file")
         return await self.readers[node.layer].read(node.entry, offset, size)
+
+    async def prefetch(self, position: int) -> int:
+        """Fetch a layer's prioritized range (everything before ``.prefetch.landmark``) in
+        one request and cache its chunks; returns how many were cached."""
+        layer = self.layers[position]
+        end = layer.index.prefetch_end
+        if not end:
+            return 0
+        chunks = await trio.to_thread.run_sync(layer.index.chunks_before, end)
+        if not chunks:
+            return 0
+        data = await layer.source.read_at(0, end)
+        compression = layer.index.compression
+
+        def decode_all() -> int:
+            stored = 0
+            for chunk in chunks:
+                if chunk.digest is None or self.cache.get(chunk.digest) is not None:
+                    continue
+                comp = data[chunk.comp_offset : chunk.comp_end]
+                what = f"{layer.name} prefetch"
+                self.cache.put(chunk.digest, decode_chunk(compression, comp, chunk, what))
+                stored += 1
+            return stored
+
+        return await trio.to_thread.run_sync(decode_all)
 
     async def iter_file(self, node: Node) -> AsyncIterator[bytes]:
         """A whole regular file, chunk by chunk, each verified."""

@@ -80,3 +80,21 @@ def test_memory_only_cache_is_bounded() -> None:
         cache.put(hashlib.sha256(b).digest(), b)
     present = [cache.get(hashlib.sha256(b).digest()) is not None for b in blobs]
     assert present == [False, False, False, True, True]
+
+
+async def test_prefetch_caches_prioritized_files_with_one_read() -> None:
+    from stargzfs.view import ImageView, LayerView
+
+    source = CountingSource(FileSource(FIXTURES / "prioritized.esgz"))
+    index = await index_of(source)
+    source.reads.clear()
+    view = ImageView([LayerView(source, index, "prioritized")])
+    stored = await view.prefetch(0)
+    assert source.reads == [(0, index.prefetch_end)]
+    prio = set(__import__("layer_helpers").expected("prioritized")["prefetch_entries"])
+    files = [p for p in prio if (e := index.resolve(p)) is not None and e.kind == "reg"]
+    assert stored == len(files) > 0
+    for path in files:
+        node = view.resolve(path)
+        await view.read(node, 0, node.entry.size)
+    assert len(source.reads) == 1  # every prioritized file was served from the cache

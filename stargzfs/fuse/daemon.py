@@ -53,6 +53,7 @@ async def serve(
     mountpoint: str,
     *,
     allow_other: bool = False,
+    prefetch: bool = True,
     ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount."""
@@ -65,11 +66,23 @@ async def serve(
             nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
             if ready is not None:
                 ready()
+            if prefetch:
+                for position in range(len(view.layers)):
+                    nursery.start_soon(_prefetch, view, position)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+
+
+async def _prefetch(view: ImageView, position: int) -> None:
+    """Background prefetch of one layer's prioritized files; failures only cost speed."""
+    try:
+        count = await view.prefetch(position)
+        log.info("prefetched %d chunks of %s", count, view.layers[position].name)
+    except Exception as e:
+        log.warning("prefetch of %s failed: %s", view.layers[position].name, e)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -311,6 +311,25 @@ class LayerIndex:
             out.append(chunk)
         return out
 
+    def chunks_before(self, end: int) -> list[Chunk]:
+        """Every chunk whose compressed bytes lie entirely before ``end`` (the prefetch
+        range), in blob order. A full scan: run it once, off the event loop."""
+        out = [
+            Chunk(0, size, off, self.compressed_end(off), inner or 0, digest)
+            for size, off, inner, digest in self._db.execute(
+                "SELECT size, offset, inner, digest FROM entries WHERE offset IS NOT NULL "
+                "AND offset < ? AND (kind & ?) = 0",
+                (end, _F_CHUNKED),
+            )
+        ]
+        out += [
+            Chunk(foff, size, off, self.compressed_end(off), inner or 0, digest)
+            for foff, size, off, inner, digest in self._db.execute(
+                "SELECT foff, size, offset, inner, digest FROM chunks WHERE offset < ?", (end,)
+            )
+        ]
+        return sorted((c for c in out if c.comp_end <= end), key=lambda c: c.comp_offset)
+
     def compressed_end(self, offset: int) -> int:
         """Where the compressed range starting at ``offset`` ends: the next payload start."""
         i = bisect.bisect_right(self._offsets, offset)
