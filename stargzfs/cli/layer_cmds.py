@@ -125,7 +125,7 @@ def cmd_convert_layer(args: argparse.Namespace) -> int:
             result = convert_layer(
                 src,
                 dst,
-                chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                chunk_size=DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
                 prioritized=prioritized,
                 min_chunk_size=args.min_chunk_size,
                 compression_level=(DEFAULT_COMPRESSION_LEVEL if args.level is None else args.level),

@@ -46,6 +46,7 @@ prioritized, one small record per entry for the reordering.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -62,7 +63,7 @@ from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import IO, Any, Protocol
 
 from ..errors import FormatError, NotFoundError, UnsafePathError, UnsupportedError, UsageError
-from .gzip_members import MemberWriter, compress_member, estargz_footer
+from .gzip_members import MemberWriter, compress_member_parts, estargz_footer
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -110,7 +111,7 @@ _MAX_EXTENSION = 16 << 20
 _READ_SIZE = 1 << 20
 _OUT_BUFFER = 1 << 20
 # The in-memory part of the spooled TOC; small layers never touch the disk.
-_TOC_SPOOL_MEMORY = 16 << 20
+_TOC_SPOOL_MEMORY = 8 << 20
 
 _TYPES: Mapping[bytes, str] = {
     b"0": "reg",
@@ -292,6 +293,11 @@ def _num(field_: bytes, what: str, entry: str) -> int:
         if field_[0] & 0x40:
             value -= 1 << (8 * len(field_) - 1)
         return value
+    try:
+        # Nearly every field is octal digits padded with NULs/spaces at the end only.
+        return int(field_.rstrip(b"\x00 ") or b"0", 8)
+    except ValueError:
+        pass
     text = _nts(field_).strip(b" ")
     if not text:
         return 0
@@ -342,21 +348,21 @@ def _check_name(name: str, what: str) -> str:
 def _modtime(pax_mtime: bytes | None, header_mtime: int, entry: str) -> str:
     """Upstream's ``formatModtime``: UTC, rounded to the second, "" for the epoch itself."""
     if pax_mtime is None:
-        seconds = Decimal(header_mtime)
-    else:
-        try:
-            if not re.fullmatch(rb"-?[0-9]+(\.[0-9]*)?", pax_mtime):
-                raise InvalidOperation
-            # Go keeps nanoseconds, truncated: do the same before rounding.
-            seconds = Decimal(pax_mtime.decode()).quantize(Decimal("1e-9"), rounding=ROUND_DOWN)
-        except InvalidOperation:
-            raise FormatError(f"tar entry {entry}: bad PAX mtime {pax_mtime!r}") from None
+        return _rfc3339(header_mtime) if header_mtime else ""
+    try:
+        if not re.fullmatch(rb"-?[0-9]+(\.[0-9]*)?", pax_mtime):
+            raise InvalidOperation
+        # Go keeps nanoseconds, truncated: do the same before rounding.
+        seconds = Decimal(pax_mtime.decode()).quantize(Decimal("1e-9"), rounding=ROUND_DOWN)
+    except InvalidOperation:
+        raise FormatError(f"tar entry {entry}: bad PAX mtime {pax_mtime!r}") from None
     if int(seconds.to_integral_value(rounding=ROUND_FLOOR)) == 0:
         return ""  # Go: t.Unix() == 0 means "unspecified"
     rounded = int((seconds + Decimal("0.5")).to_integral_value(rounding=ROUND_FLOOR))
     return _rfc3339(rounded)
 
 
+@functools.lru_cache(maxsize=4096)  # layers tend to share a handful of mtimes
 def _rfc3339(seconds: int) -> str:
     days, rem = divmod(seconds, 86400)
     # Civil-from-days (Howard Hinnant), so any int works without datetime's range checks.
@@ -446,9 +452,10 @@ def _read_entry(
         raw.append(block)
         break
 
-    records = {**pax_globals, **pax}
-    # An empty PAX value means "back to the header's own value".
-    records = {k: v for k, v in records.items() if v}
+    records: Mapping[str, bytes] = pax
+    if pax_globals or pax:
+        # An empty PAX value means "back to the header's own value".
+        records = {k: v for k, v in {**pax_globals, **pax}.items() if v}
     if long_name is not None:
         name_b = long_name
     else:
@@ -494,9 +501,11 @@ def _read_entry(
         link_clean = _check_name(linkname, f"hardlink {name!r} target")
     elif toc_type == "symlink" and "\x00" in linkname:
         raise UnsafePathError(f"symlink {name!r}: target contains NUL")
-    xattrs = {
-        k[len("SCHILY.xattr.") :]: v for k, v in records.items() if k.startswith("SCHILY.xattr.")
-    }
+    xattrs = (
+        {k[len("SCHILY.xattr.") :]: v for k, v in records.items() if k.startswith("SCHILY.xattr.")}
+        if records
+        else {}
+    )
     return _Entry(
         raw_header=b"".join(raw),
         name=name,
@@ -617,7 +626,7 @@ class _ParallelSink:
         self._index = 0
         self._batch: list[list[bytes]] = []
         self._batch_len = 0
-        self._pending: deque[Future[list[bytes]] | list[bytes]] = deque()
+        self._pending: deque[Future[list[list[bytes]]] | list[list[bytes]]] = deque()
         self._written = 0
 
     def write(self, data: bytes) -> None:
@@ -664,7 +673,8 @@ class _ParallelSink:
             self._pending.popleft()
             for member in members:
                 self._on_member(self._written, self._out.offset)
-                self._out.write(member)
+                for part in member:
+                    self._out.write(part)
                 self._written += 1
 
     def finish(self) -> None:
@@ -681,8 +691,8 @@ class _ParallelSink:
             self._pool = None
 
 
-def _compress_batch(batch: list[list[bytes]], level: int) -> list[bytes]:
-    return [compress_member(segments, level) for segments in batch]
+def _compress_batch(batch: list[list[bytes]], level: int) -> list[list[bytes]]:
+    return [compress_member_parts(segments, level) for segments in batch]
 
 
 class _SequentialSink:
@@ -754,6 +764,8 @@ def _json_text(s: str) -> str:
 
 
 _enc = json.encoder.encode_basestring  # C-accelerated, keeps non-ASCII as is (like Go)
+# Built once: json.dumps() with any non-default option builds a new encoder per call.
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _format_toc_entry(e: Mapping[str, Any]) -> str:
@@ -809,7 +821,7 @@ class _Toc:
                     return
                 entry["offset"] = offsets[member]
             pending.popleft()
-            self._spool.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+            self._spool.write(_LINE_ENCODER.encode(entry).encode() + b"\n")
 
     def render(self, out: IO[bytes]) -> tuple[int, str]:
         """Write the final TOC JSON to ``out``; returns (size, "sha256:...").

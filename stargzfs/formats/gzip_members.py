@@ -18,6 +18,7 @@ __all__ = [
     "BytesLike",
     "MemberWriter",
     "compress_member",
+    "compress_member_parts",
     "estargz_footer",
     "member_header",
 ]
@@ -28,6 +29,14 @@ ESTARGZ_FOOTER_SIZE = 51
 
 _OS_UNKNOWN = 255
 _FEXTRA = 0x04
+# Incompressible data (already-compressed files: .gz, .jar, .png...) costs zlib about as much
+# CPU per byte at level 1 as at level 6, ten times what storing it costs, and deflating it even
+# comes out slightly larger. Large members whose first _PROBE bytes don't shrink below
+# _PROBE_RATIO are therefore stored (deflate level 0). The decision depends on content only,
+# so output stays deterministic.
+_PROBE = 64 << 10
+_PROBE_MIN = 256 << 10
+_PROBE_RATIO = 0.99
 
 
 def member_header(level: int) -> bytes:
@@ -41,17 +50,44 @@ def _trailer(crc: int, size: int) -> bytes:
     return struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
 
 
-def compress_member(segments: Sequence[BytesLike], level: int) -> bytes:
-    """One complete gzip member holding ``segments`` concatenated.
+def compress_member_parts(segments: Sequence[BytesLike], level: int) -> list[bytes]:
+    """One complete gzip member holding ``segments`` concatenated, as a list of byte strings.
 
-    Safe to call from worker threads: ``zlib.compress`` and ``zlib.crc32`` release the GIL for
-    any buffer worth compressing in parallel.
+    Stored (deflate level 0) if a large member's start proves incompressible. Meant for
+    worker threads, so it avoids holding the GIL for long: zlib releases it while deflating
+    and checksumming, but joining megabytes (of input or of output) would not, which is why
+    the parts are returned unjoined and a large payload is never copied into a joined buffer.
     """
-    # One deflate call over a joined buffer is cheaper than a compressobj fed many small
-    # header segments, and the copy is small next to the compression itself.
-    data = segments[0] if len(segments) == 1 else b"".join(segments)
-    body = zlib.compress(data, level, -zlib.MAX_WBITS)
-    return b"".join((member_header(level), body, _trailer(zlib.crc32(data), len(data))))
+    total = sum(len(s) for s in segments)
+    first = segments[0] if segments else b""
+    if level > 0 and len(first) >= _PROBE_MIN:
+        probe = zlib.compress(memoryview(first)[:_PROBE], level, -zlib.MAX_WBITS)
+        if len(probe) >= _PROBE * _PROBE_RATIO:
+            level = 0
+    parts = [member_header(level)]
+    crc = 0
+    if len(segments) > 1 and len(first) < _PROBE:
+        # Many small pieces (headers, small files): one deflate call over a joined buffer is
+        # cheaper than a compressobj fed each piece, and the copy is small.
+        data = b"".join(segments)
+        parts.append(zlib.compress(data, level, -zlib.MAX_WBITS))
+        crc = zlib.crc32(data)
+    elif len(segments) == 1:
+        parts.append(zlib.compress(first, level, -zlib.MAX_WBITS))
+        crc = zlib.crc32(first)
+    else:
+        z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        for segment in segments:
+            parts.append(z.compress(segment))
+            crc = zlib.crc32(segment, crc)
+        parts.append(z.flush())
+    parts.append(_trailer(crc, total))
+    return parts
+
+
+def compress_member(segments: Sequence[BytesLike], level: int) -> bytes:
+    """:func:`compress_member_parts`, joined."""
+    return b"".join(compress_member_parts(segments, level))
 
 
 class MemberWriter:
