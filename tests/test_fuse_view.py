@@ -108,3 +108,26 @@ def test_zstd_chunked_and_chunked_files(mounter: Any, mountpoint: Path) -> None:
     with open(big, "rb") as f:
         f.seek(65530)
         assert len(f.read(20)) == 20
+
+
+def test_corrupt_chunk_is_eio_and_the_rest_is_served(
+    mounter: Any, mountpoint: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    blob = bytearray((FIXTURES / "basic.esgz").read_bytes())
+    toc = [json.loads(line) for line in (FIXTURES / "basic.toc.jsonl").read_text().splitlines()]
+    target = next(e for e in toc if e["name"] == "usr/bin/su")
+    nxt = min(e["offset"] for e in toc if e.get("offset", 0) > target["offset"])
+    blob[(target["offset"] + nxt) // 2] ^= 0x55  # inside su's compressed payload
+    bad = tmp_path / "bad.esgz"
+    bad.write_bytes(bytes(blob))
+    proc = mounter([sys.executable, str(RUNNER), str(mountpoint), str(bad)], mountpoint)
+    with pytest.raises(OSError) as info:
+        (mountpoint / "usr/bin/su").read_bytes()
+    assert info.value.errno == errno.EIO
+    exp = {e["path"]: e for e in json.loads((FIXTURES / "basic.json").read_text())["entries"]}
+    data = (mountpoint / "etc/passwd").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == exp["etc/passwd"]["sha256"]
+    assert proc.is_mounted()
+    subprocess.run(["ls", "-lR", str(mountpoint)], check=True, capture_output=True)
