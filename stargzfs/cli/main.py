@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from ..errors import StargzfsError
 
 # Modules under stargzfs.cli that provide register(subparsers). Order = order in --help.
-COMMAND_MODULES: tuple[str, ...] = ("layer_cmds",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "image_cmds",
+    "mount_cmds",
+    "pull_cmds",
+    "push_cmds",
+    "layer_cmds",
+)
 
 EXIT_CODES_HELP = """\
 exit codes:
