@@ -41,6 +41,7 @@ from harness import (
     unmount,
 )
 from harness.mount import mount_entries
+from harness.proxy import RegistryProxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
@@ -217,3 +218,13 @@ def mounter(fuse_available: None) -> Iterator[Callable[..., MountedProcess]]:
             return stack.enter_context(mounted(argv, mountpoint, timeout, env=env))
 
         yield mount
+
+
+@pytest.fixture
+def registry_proxy(registry: Registry) -> Iterator[RegistryProxy]:
+    """A misbehaving, byte-counting proxy in front of the open registry (harness/proxy.py)."""
+    proxy = RegistryProxy(registry.host)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -1,0 +1,142 @@
+"""Lazy reads from a real registry through a misbehaving, byte-counting proxy: the right
+bytes or the right error, and only the bytes a read needs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from harness import Registry
+from harness.oci import estargz_layer, make_tar, write_oci_layout
+from harness.proxy import RegistryProxy
+
+from stargzfs.errors import IntegrityError, RegistryError
+from stargzfs.image import resolve_image
+from stargzfs.index import load_index
+from stargzfs.reference import parse_reference
+from stargzfs.registry import RegistryBlobSource, RegistryClient, RetryPolicy
+from stargzfs.view import ImageView, LayerView
+
+BIG = os.urandom(12 << 20)
+SMALL = {f"etc/small-{i}.conf": f"setting {i}\n".encode() * 20 for i in range(50)}
+
+
+@pytest.fixture(scope="module")
+def big_image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One eStargz layer: 12 MiB of random bytes (1 MiB chunks) plus 50 small files."""
+    tar = make_tar({"opt/big.bin": BIG, **SMALL})
+    layout = write_oci_layout(
+        tmp_path_factory.mktemp("big"), [estargz_layer(tar, chunk_size=1 << 20)]
+    )
+    return registry.push_oci(layout, "v1", "lazy/big:v1").split("/", 1)[1]  # repo:tag
+
+
+async def open_view(client: RegistryClient, ref: str) -> tuple[ImageView, int]:
+    image = await resolve_image(client, parse_reference(ref))
+    layers = []
+    total = 0
+    for desc in image.manifest.layers:
+        source = RegistryBlobSource(client, image.ref.repo, desc.digest, desc.size)
+        layers.append(LayerView(source, await load_index(source, desc.annotations), desc.digest))
+        total += desc.size
+    return ImageView(layers), total
+
+
+def fast_retries() -> RetryPolicy:
+    return RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05)
+
+
+async def test_small_file_fetches_a_small_fraction(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, blob_size = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        registry_proxy.reset_counters()
+        node = view.resolve("etc/small-7.conf")
+        assert await view.read(node, 0, node.entry.size) == SMALL["etc/small-7.conf"]
+        assert registry_proxy.bytes_sent < blob_size * 0.01
+        node = view.resolve("opt/big.bin")
+        piece = await view.read(node, (5 << 20) + 100, 1000)
+        assert piece == BIG[(5 << 20) + 100 : (5 << 20) + 1100]
+        assert registry_proxy.bytes_sent < blob_size * 0.15  # one 1 MiB chunk, not the layer
+
+
+async def test_registry_answering_ranges_with_200(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    registry_proxy.ranges = "ignore"
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, blob_size = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        for name, data in list(SMALL.items())[:10]:
+            node = view.resolve(name)
+            assert await view.read(node, 0, node.entry.size) == data
+        node = view.resolve("opt/big.bin")
+        assert (
+            hashlib.sha256(await view.read(node, 0, len(BIG))).digest()
+            == hashlib.sha256(BIG).digest()
+        )
+        # The whole blob travelled once (plus the manifest's HEADs), not once per range.
+        assert registry_proxy.bytes_sent < blob_size * 2.5
+
+
+async def test_transient_failures_are_retried(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, _ = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        node = view.resolve("etc/small-3.conf")
+        registry_proxy.fail_next(503, count=2)
+        assert await view.read(node, 0, 10) == SMALL["etc/small-3.conf"][:10]
+        node = view.resolve("etc/small-4.conf")
+        registry_proxy.fail_next(429, count=1, retry_after="0")
+        assert await view.read(node, 0, 10) == SMALL["etc/small-4.conf"][:10]
+        node = view.resolve("opt/big.bin")
+        registry_proxy.drop_next(count=1, after=1000)
+        assert await view.read(node, 3 << 20, 50000) == BIG[3 << 20 : (3 << 20) + 50000]
+
+
+async def test_persistent_failure_is_a_registry_error(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, _ = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        node = view.resolve("etc/small-5.conf")
+        registry_proxy.down = True
+        with pytest.raises(RegistryError):
+            await view.read(node, 0, 10)
+        registry_proxy.down = False  # the registry is back: the same read works
+        assert await view.read(node, 0, 10) == SMALL["etc/small-5.conf"][:10]
+
+
+async def test_corrupted_byte_fails_that_file_only(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, _ = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        node = view.resolve("opt/big.bin")
+        chunk = view.tree.layer_of(node).chunks_for(node.entry, 2 << 20, 1)[0]
+        digest = view.layers[0].name
+        registry_proxy.corrupt_blob(digest, (chunk.comp_offset + chunk.comp_end) // 2)
+        with pytest.raises(IntegrityError, match=r"opt/big\.bin"):
+            await view.read(node, 2 << 20, 100)
+        small = view.resolve("etc/small-9.conf")
+        assert await view.read(small, 0, small.entry.size) == SMALL["etc/small-9.conf"]
+
+
+async def test_blob_redirects_to_storage_without_credentials(
+    big_image: str, registry_proxy: RegistryProxy
+) -> None:
+    registry_proxy.redirect_blobs = True
+    async with RegistryClient(retry=fast_retries()) as client:
+        view, _ = await open_view(client, f"{registry_proxy.host}/{big_image}")
+        node = view.resolve("etc/small-1.conf")
+        assert await view.read(node, 0, node.entry.size) == SMALL["etc/small-1.conf"]
+    assert registry_proxy.storage_requests
+    assert not any(auth for _, auth in registry_proxy.storage_requests)
+
+
+def test_layout_helper_round_trip(tmp_path: Path) -> None:
+    layout = write_oci_layout(tmp_path, [estargz_layer(make_tar({"a": b"x"}))])
+    assert (layout / "index.json").is_file()
