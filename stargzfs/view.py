@@ -36,6 +36,7 @@ class ImageView:
         self.tree = MergedTree([layer.index for layer in self.layers])
         self.cache = cache if cache is not None else ChunkCache(None)
         self.readers = [ChunkReader(lv.source, lv.index, self.cache) for lv in self.layers]
+        self.prefetch_state: dict[str, str] = {}
 
     def resolve(self, path: str) -> Node:
         node = self.tree.resolve(path)
@@ -56,6 +57,7 @@ class ImageView:
         end = layer.index.prefetch_end
         if not end:
             return 0
+        self.prefetch_state[layer.name] = "running"
         chunks = await trio.to_thread.run_sync(layer.index.chunks_before, end)
         if not chunks:
             return 0
@@ -73,7 +75,34 @@ class ImageView:
                 stored += 1
             return stored
 
-        return await trio.to_thread.run_sync(decode_all)
+        stored = await trio.to_thread.run_sync(decode_all)
+        self.prefetch_state[layer.name] = f"done ({stored} chunks)"
+        return stored
+
+    def stats(self) -> dict[str, object]:
+        """What ``stargzfs stats`` shows: traffic per layer, cache hits and misses."""
+        layers = []
+        for layer, reader in zip(self.layers, self.readers, strict=True):
+            traffic = getattr(layer.source, "stats", None)
+            fetched = getattr(traffic, "bytes", None)
+            layers.append(
+                {
+                    "name": layer.name,
+                    "size": layer.source.size,
+                    "format": layer.index.format,
+                    "entries": layer.index.entry_count,
+                    "requests": getattr(traffic, "requests", None),
+                    "bytes_fetched": fetched,
+                    "fetched_fraction": (
+                        round(fetched / layer.source.size, 4)
+                        if fetched is not None and layer.source.size
+                        else None
+                    ),
+                    "chunk_fetches": reader.fetches,
+                    "prefetch": self.prefetch_state.get(layer.name, "none"),
+                }
+            )
+        return {"layers": layers, "cache": vars(self.cache.stats).copy()}
 
     async def iter_file(self, node: Node) -> AsyncIterator[bytes]:
         """A whole regular file, chunk by chunk, each verified."""

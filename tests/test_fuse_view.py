@@ -131,3 +131,21 @@ def test_corrupt_chunk_is_eio_and_the_rest_is_served(
     assert hashlib.sha256(data).hexdigest() == exp["etc/passwd"]["sha256"]
     assert proc.is_mounted()
     subprocess.run(["ls", "-lR", str(mountpoint)], check=True, capture_output=True)
+
+
+def test_stats_xattr_and_access_recording(mounter: Any, mountpoint: Path, tmp_path: Path) -> None:
+    record = tmp_path / "access.txt"
+    blob = str(FIXTURES / "basic.esgz")
+    mounter(
+        [sys.executable, str(RUNNER), "--record-access", str(record), str(mountpoint), blob],
+        mountpoint,
+    )
+    order = ["usr/bin/hello", "etc/passwd", "usr/lib/libdemo.so.1"]
+    for path in [*order, "etc/passwd"]:
+        (mountpoint / path).read_bytes()
+    (mountpoint / "usr/bin/hello-hardlink").read_bytes()  # same inode: already recorded
+    stats = json.loads(os.getxattr(mountpoint, "user.stargzfs.stats"))
+    assert stats["layers"][0]["chunk_fetches"] >= 3
+    assert stats["cache"]["misses"] >= 3
+    assert "user.stargzfs.stats" not in os.listxattr(mountpoint)
+    assert record.read_text().splitlines() == order

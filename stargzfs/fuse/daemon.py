@@ -54,10 +54,11 @@ async def serve(
     *,
     allow_other: bool = False,
     prefetch: bool = True,
+    record_access: str | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount."""
-    ops = ImageOperations(view)
+    ops = ImageOperations(view, record_access=record_access)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:
         async with trio.open_nursery() as nursery:

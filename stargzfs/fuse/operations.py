@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 # The image never changes under a mount: let the kernel cache names and attributes.
 CACHE_TIMEOUT = 24 * 3600.0
-BLOCK_SIZE = 128 * 1024  # st_blksize: makes cp & co. read in large pieces
+BLOCK_SIZE = 128 * 1024
+# `stargzfs stats` reads this (it is not listed by listxattr, so the image tree is unchanged).
+STATS_XATTR = b"user.stargzfs.stats"  # st_blksize: makes cp & co. read in large pieces
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
@@ -65,9 +68,12 @@ class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, view: ImageView) -> None:
+    def __init__(self, view: ImageView, record_access: str | None = None) -> None:
         super().__init__()
         self.view = view
+        # --record-access: each file's path on its first read, in order (for `optimize`).
+        self._record = open(record_access, "a", buffering=1) if record_access else None  # noqa: SIM115
+        self._recorded: set[int] = set()
         self.tree = view.tree
         self._next_fh = 1
         self._files: dict[int, Node] = {}
@@ -167,6 +173,10 @@ class ImageOperations(pyfuse3.Operations):
         node = self._files.get(fh)
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if self._record is not None and node.ino not in self._recorded:
+            self._recorded.add(node.ino)
+            path = self.tree.layer_of(node).path_of(node.entry.name_id)
+            self._record.write(path + "\n")
         return await self.view.read(node, off, size)
 
     @_guard
@@ -177,6 +187,8 @@ class ImageOperations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.view.stats()).encode()
         xattrs = self._node(inode).entry.xattrs
         value = xattrs.get(os.fsdecode(name))
         if value is None:
