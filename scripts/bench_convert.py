@@ -5,7 +5,8 @@ Builds a deterministic layer tar (many small files, a few big ones; compressible
 incompressible random data), converts it to eStargz in a fresh process (so the peak RSS is the
 converter's own, read from VmHWM), and times on the same input, for scale:
 
-* ``gzip -c -L``: the gzip binary, single core, same level;
+* ``gzip -c -L`` (``zstd -c -L -T1`` with ``--format zstd:chunked``): the binary, one core,
+  same level;
 * Python ``tarfile`` + ``gzip``: re-tarring every member into a ``w:gz`` archive, the naive
   single-threaded Python way of producing a plain tar.gz.
 
@@ -45,10 +46,11 @@ sys.path.insert(0, {repo!r})
 from stargzfs.convert import convert_layer
 src, dst, level, workers, min_chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), \\
     (int(sys.argv[4]) or None), int(sys.argv[5])
+layer_format = sys.argv[6]
 t = time.perf_counter()
 with open(src, "rb") as f, open(dst, "wb") as out:
     r = convert_layer(f, out, compression_level=level, workers=workers,
-                      min_chunk_size=min_chunk)
+                      min_chunk_size=min_chunk, layer_format=layer_format)
 elapsed = time.perf_counter() - t
 hwm = 0
 for line in open("/proc/self/status"):
@@ -169,17 +171,20 @@ def best_of(repeat: int, run: Callable[[], T]) -> tuple[float, float, T]:
     return best
 
 
-def run_ours(tar: Path, out: Path, level: int, workers: int, min_chunk: int) -> dict[str, Any]:
+def run_ours(
+    tar: Path, out: Path, level: int, workers: int, min_chunk: int, layer_format: str
+) -> dict[str, Any]:
     argv = [sys.executable, "-c", _CONVERT_CHILD.format(repo=str(REPO)), str(tar), str(out)]
-    argv += [str(level), str(workers), str(min_chunk)]
+    argv += [str(level), str(workers), str(min_chunk), layer_format]
     proc = subprocess.run(argv, check=True, capture_output=True, text=True)
     data: dict[str, Any] = json.loads(proc.stdout)
     return data
 
 
-def run_gzip(tar: Path, out: Path, level: int) -> None:
+def run_plain(tool: str, tar: Path, out: Path, level: int) -> None:
     with open(tar, "rb") as src, open(out, "wb") as dst:
-        subprocess.run(["gzip", "-c", f"-{level}"], stdin=src, stdout=dst, check=True)
+        argv = [tool, "-c", f"-{level}"] + (["-q", "-T1"] if tool == "zstd" else [])
+        subprocess.run(argv, stdin=src, stdout=dst, check=True)
 
 
 def run_tarfile(tar: Path, out: Path, level: int) -> None:
@@ -190,14 +195,18 @@ def run_tarfile(tar: Path, out: Path, level: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=200)
-    ap.add_argument("--level", type=int, default=6)
+    ap.add_argument("--level", type=int, default=None, help="default 6 (gzip), 3 (zstd)")
+    ap.add_argument("--format", default="estargz", choices=("estargz", "zstd:chunked"))
     ap.add_argument("--workers", type=int, default=0, help="0 = library default (usable CPUs)")
     ap.add_argument("--min-chunk-size", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     default_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
     ap.add_argument("--workdir", default=default_dir)
     args = ap.parse_args()
-    level, rep = args.level, args.repeat
+    zstd = args.format == "zstd:chunked"
+    level = args.level if args.level is not None else 3 if zstd else 6
+    rep = args.repeat
+    fmt = args.format
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-convert-") as tmp:
         work = Path(tmp)
@@ -209,12 +218,12 @@ def main() -> int:
             f"input: {mb:.1f} MB tar, {stats['files']} files ({stats['bytes'] / 1e6:.1f} MB), "
             f"{stats['dirs']} dirs, {stats['symlinks']} symlinks "
             f"(built in {time.perf_counter() - t:.1f} s in {work.parent}); "
-            f"{os.cpu_count()} CPUs, gzip level {level}, best of {rep}"
+            f"{os.cpu_count()} CPUs, {fmt} level {level}, best of {rep}"
         )
 
         out = work / "out.esgz"
         secs, cpu, ours = best_of(
-            rep, lambda: run_ours(tar, out, level, args.workers, args.min_chunk_size)
+            rep, lambda: run_ours(tar, out, level, args.workers, args.min_chunk_size, fmt)
         )
         blob = int(ours["result"]["blob_size"])
         rss = int(ours["rss_peak"])
@@ -225,7 +234,7 @@ def main() -> int:
         )
         if args.workers != 1:
             one = work / "one.esgz"
-            s1, c1, _ = best_of(rep, lambda: run_ours(tar, one, level, 1, args.min_chunk_size))
+            s1, c1, _ = best_of(rep, lambda: run_ours(tar, one, level, 1, args.min_chunk_size, fmt))
             same = one.read_bytes() == out.read_bytes()
             one.unlink()
             print(
@@ -233,16 +242,19 @@ def main() -> int:
                 f"parallel speed-up x{s1 / secs:.2f}, identical output: {same}"
             )
 
-        if shutil.which("gzip") is not None:
-            gz_out = work / "gzip.gz"
-            gz, gz_cpu, _ = best_of(rep, lambda: run_gzip(tar, gz_out, level))
+        tool = "zstd" if zstd else "gzip"
+        if shutil.which(tool) is not None:
+            gz_out = work / "plain.out"
+            gz, gz_cpu, _ = best_of(rep, lambda: run_plain(tool, tar, gz_out, level))
             size = gz_out.stat().st_size
             gz_out.unlink()
             print(
-                f"gzip -c -{level}: {gz:.2f} s ({gz_cpu:.2f} s CPU), {mb / gz:.1f} MB/s, "
+                f"{tool} -c -{level}: {gz:.2f} s ({gz_cpu:.2f} s CPU), {mb / gz:.1f} MB/s, "
                 f"{size / 1e6:.1f} MB; convert_layer: x{secs / gz:.2f} its time, "
                 f"x{cpu / gz_cpu:.2f} its CPU, x{blob / size:.3f} its size"
             )
+        if zstd:
+            return 0  # tarfile has no zstd writer in Python 3.11
         tf_out = work / "tarfile.tar.gz"
         tf, tf_cpu, _ = best_of(rep, lambda: run_tarfile(tar, tf_out, level))
         size = tf_out.stat().st_size

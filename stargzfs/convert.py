@@ -14,7 +14,7 @@ from typing import IO, Any
 from .errors import FormatError, UnsupportedError
 from .formats.estargz_writer import (
     DEFAULT_CHUNK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL,
+    ESTARGZ,
     ConvertResult,
     Readable,
     write_estargz,
@@ -131,8 +131,9 @@ def convert_layer(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     prioritized: Sequence[str] = (),
     min_chunk_size: int = 0,
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    compression_level: int | None = None,
     workers: int | None = None,
+    layer_format: str = ESTARGZ,
 ) -> ConvertResult:
     """Convert the layer read from ``src`` to an eStargz blob written to ``dst``.
 
@@ -142,7 +143,8 @@ def convert_layer(
     ``min_chunk_size`` > 0 packs consecutive small files into one member until it reaches that
     many compressed bytes (entries then carry ``innerOffset``); ``workers`` threads compress
     (default: the usable CPUs); the output does not depend on it. ``compression_level`` defaults
-    to 6, see :mod:`stargzfs.formats.estargz_writer` for why not 9.
+    to 6, see :mod:`stargzfs.formats.estargz_writer` for why not 9. ``layer_format`` may be
+    ``"zstd:chunked"`` for stargz-snapshotter's zstd dialect (zstd level, default 3).
 
     Raises :class:`~stargzfs.errors.FormatError` for a corrupt or truncated input,
     :class:`~stargzfs.errors.UnsafePathError` for hostile entry names,
@@ -156,4 +158,5 @@ def convert_layer(
         min_chunk_size=min_chunk_size,
         compression_level=compression_level,
         workers=workers,
+        layer_format=layer_format,
     )

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="convert a layer tar (plain, gzip or zstd) to eStargz",
         description=(
             "Convert a layer (tar, tar.gz or tar.zst, detected from its content) to an eStargz "
-            "blob, and print its digests, sizes and manifest annotations as JSON on stdout."
+            "blob, and print its media type, digests, sizes and manifest annotations as JSON "
+            "on stdout."
         ),
     )
     p.add_argument("input", metavar="IN", help="layer file, or - for stdin")
@@ -52,7 +53,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "bytes (smaller blob, coarser lazy reads; needs stargz-snapshotter >= 0.13 to read)",
     )
     p.add_argument(
-        "--level", type=int, default=None, metavar="L", help="gzip level 0-9 (default 6)"
+        "--level",
+        type=int,
+        default=None,
+        metavar="L",
+        help="compression level: gzip 0-9 (default 6), zstd 1-22 (default 3)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("estargz", "zstd:chunked"),
+        default="estargz",
+        help="estargz (gzip, default) or stargz-snapshotter's zstd:chunked",
     )
     p.add_argument(
         "--workers",
@@ -87,7 +98,7 @@ def cmd_convert_layer(args: argparse.Namespace) -> int:
 
     from ..convert import convert_layer
     from ..errors import NotFoundError, StargzfsError
-    from ..formats.estargz_writer import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL
+    from ..formats.estargz_writer import DEFAULT_CHUNK_SIZE
 
     prioritized = _read_prioritized(args.prioritize) if args.prioritize else []
     with ExitStack() as stack:
@@ -128,7 +139,8 @@ def cmd_convert_layer(args: argparse.Namespace) -> int:
                 chunk_size=DEFAULT_CHUNK_SIZE if args.chunk_size is None else args.chunk_size,
                 prioritized=prioritized,
                 min_chunk_size=args.min_chunk_size,
-                compression_level=(DEFAULT_COMPRESSION_LEVEL if args.level is None else args.level),
+                compression_level=args.level,
+                layer_format=args.format,
                 workers=args.workers,
             )
             dst.flush()

@@ -37,6 +37,15 @@ Departures from upstream, all deliberate:
   earlier copies are removed entirely, as upstream does.
 * Prioritized files whose parent directories have no tar entry are accepted (upstream fails).
 
+The same pipeline writes stargz-snapshotter's **zstd:chunked** dialect (``layer_format=
+"zstd:chunked"``, what ``ctr-remote --zstdchunked`` and the v0.12 reference produce): members
+are zstd frames instead of gzip members, the TOC (same JSON) is one zstd frame inside a zstd
+skippable frame, not a tar entry, and the footer is a skippable frame holding 40 bytes (TOC
+offset, compressed and uncompressed TOC sizes, manifest type 1, ``GnUlInUx``). The TOC is not
+part of the uncompressed stream there, so diff_id and the uncompressed size cover the entries
+only. This is not the containers/storage flavour of zstd:chunked (64-byte footer, ``endOffset``,
+``io.github.containers.*`` annotations).
+
 Memory stays bounded whatever the layer size: a few batches of members in flight, and the TOC
 spooled to a temporary file as it is produced. What grows with the number of entries is one
 small record per distinct name (duplicate and hardlink checks), plus, only when files are
@@ -53,6 +62,7 @@ import logging
 import os
 import posixpath
 import re
+import struct
 import tempfile
 from array import array
 from collections import deque
@@ -68,12 +78,17 @@ from .gzip_members import MemberWriter, compress_member_parts, estargz_footer
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_COMPRESSION_LEVEL",
+    "DEFAULT_ZSTD_LEVEL",
+    "ESTARGZ",
     "LANDMARK_CONTENTS",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
+    "ZSTD_CHUNKED",
+    "ZSTD_MANIFEST_CHECKSUM_ANNOTATION",
+    "ZSTD_MANIFEST_POSITION_ANNOTATION",
     "ConvertResult",
     "Readable",
     "write_estargz",
@@ -89,6 +104,20 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+ZSTD_MANIFEST_CHECKSUM_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_MANIFEST_POSITION_ANNOTATION = "io.containers.zstd-chunked.manifest-position"
+
+ESTARGZ = "estargz"
+ZSTD_CHUNKED = "zstd:chunked"
+# klauspost/compress's SpeedDefault, what upstream uses, corresponds to zstd level 3.
+DEFAULT_ZSTD_LEVEL = 3
+_MEDIA_TYPES = {
+    ESTARGZ: "application/vnd.oci.image.layer.v1.tar+gzip",
+    ZSTD_CHUNKED: "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+_ZSTD_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
+_ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+_ZSTD_MANIFEST_TYPE = 1  # "CRFS", the eStargz TOC schema
 
 # Names upstream reserves: an input that is already eStargz must not end up with two TOCs or
 # two landmarks, so these entries of the input are dropped.
@@ -165,9 +194,11 @@ class ConvertResult:
     uncompressed_size: int
     toc_offset: int
     annotations: dict[str, str] = field(default_factory=dict)
+    media_type: str = _MEDIA_TYPES[ESTARGZ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "media_type": self.media_type,
             "blob_digest": self.blob_digest,
             "blob_size": self.blob_size,
             "toc_digest": self.toc_digest,
@@ -402,10 +433,10 @@ def _checksum_ok(block: bytes) -> bool:
 def _read_entry(
     reader: _Reader, pax_globals: Mapping[str, bytes]
 ) -> tuple[_Entry, Mapping[str, bytes]] | None:
-    """The next entry's header blocks, or None at the end of the archive.
+    """The next entry and the PAX global records in effect after it, or None at the end.
 
-    ``pax_globals`` are the PAX global records seen so far; the entry's ``pax_globals`` holds
-    them, and ``_iter_tar`` passes on :func:`_globals_after` the entry for the next one.
+    ``pax_globals`` are the global ('g') records seen so far. It is never mutated: a 'g' block
+    makes a new mapping, so entries can keep (and share) the one they were parsed with.
     """
     globals_before = pax_globals
     raw: list[bytes] = []
@@ -425,7 +456,7 @@ def _read_entry(
             if raw:
                 raise FormatError(f"input tar: extension header without an entry {at}")
             second = reader.read(_BLOCK)
-            if second and second != _ZERO_BLOCK:
+            if second.count(0) != len(second):
                 # Go's reader rejects this too: dropping the rest silently would lose files.
                 raise FormatError(f"input tar: data after a single end-of-archive block {at}")
             return None
@@ -604,6 +635,94 @@ class _Output:
 OnMember = Callable[[int, int], None]  # (member index, compressed offset)
 
 
+class _MemberStream(Protocol):
+    """One member compressed incrementally; every method returns compressed bytes to emit."""
+
+    uncompressed_size: int
+
+    def start(self) -> bytes: ...
+    def compress(self, data: bytes) -> bytes: ...
+    def flush_sync(self) -> bytes: ...
+    def finish(self) -> bytes: ...
+
+
+class _ZstdMemberWriter:
+    """A zstd frame compressed incrementally: :class:`MemberWriter`'s counterpart."""
+
+    def __init__(self, level: int) -> None:
+        import zstandard
+
+        self._flush_block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        self._z = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        self.uncompressed_size = 0
+
+    def start(self) -> bytes:
+        return b""  # the frame header comes out with the first compressed block
+
+    def compress(self, data: bytes) -> bytes:
+        self.uncompressed_size += len(data)
+        out: bytes = self._z.compress(data)
+        return out
+
+    def flush_sync(self) -> bytes:
+        # Go's zstd Encoder.Flush, which upstream calls before measuring the frame.
+        out: bytes = self._z.flush(self._flush_block)
+        return out
+
+    def finish(self) -> bytes:
+        out: bytes = self._z.flush()
+        return out
+
+
+def _gzip_batch(batch: list[list[bytes]], level: int) -> list[list[bytes]]:
+    return [compress_member_parts(segments, level) for segments in batch]
+
+
+def _zstd_batch(batch: list[list[bytes]], level: int) -> list[list[bytes]]:
+    """One zstd frame per member (content size and checksum included, as upstream writes)."""
+    import zstandard
+
+    # One context per batch: contexts are not thread-safe, and reusing one is much cheaper
+    # than creating one per member. zstd needs no incompressibility probe: it stores raw
+    # blocks by itself, at full speed.
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    out: list[list[bytes]] = []
+    for segments in batch:
+        first = segments[0]
+        if len(segments) == 1 or len(first) < _BATCH_BYTES // 16:
+            out.append([cctx.compress(first if len(segments) == 1 else b"".join(segments))])
+        else:
+            # A big payload chunk followed by a few headers: stream it rather than copy it
+            # into a joined buffer while holding the GIL.
+            z = cctx.compressobj(size=sum(len(seg) for seg in segments))
+            parts = [z.compress(seg) for seg in segments]
+            parts.append(z.flush())
+            out.append(parts)
+    return out
+
+
+@dataclass(frozen=True)
+class _Codec:
+    layer_format: str
+    level: int
+    compress_batch: Callable[[list[list[bytes]], int], list[list[bytes]]]
+    member_writer: Callable[[int], _MemberStream]
+
+
+def _codec(layer_format: str, level: int | None) -> _Codec:
+    if layer_format == ESTARGZ:
+        level = DEFAULT_COMPRESSION_LEVEL if level is None else level
+        if not 0 <= level <= 9:
+            raise UsageError(f"gzip compression level must be 0..9, not {level}")
+        return _Codec(ESTARGZ, level, _gzip_batch, MemberWriter)
+    if layer_format == ZSTD_CHUNKED:
+        level = DEFAULT_ZSTD_LEVEL if level is None else level
+        if not 1 <= level <= 22:
+            raise UsageError(f"zstd compression level must be 1..22, not {level}")
+        return _Codec(ZSTD_CHUNKED, level, _zstd_batch, _ZstdMemberWriter)
+    raise UsageError(f"unknown layer format {layer_format!r} (estargz or zstd:chunked)")
+
+
 class _ParallelSink:
     """Members cut by format rules, compressed in a thread pool, written in order.
 
@@ -611,9 +730,9 @@ class _ParallelSink:
     number of workers; ``on_member`` learns each member's offset as it is written.
     """
 
-    def __init__(self, out: _Output, level: int, workers: int, on_member: OnMember) -> None:
+    def __init__(self, out: _Output, codec: _Codec, workers: int, on_member: OnMember) -> None:
         self._out = out
-        self._level = level
+        self._codec = codec
         self._on_member = on_member
         self._pool = (
             ThreadPoolExecutor(workers, thread_name_prefix="estargz-gzip") if workers > 1 else None
@@ -655,10 +774,11 @@ class _ParallelSink:
 
     def _submit(self) -> None:
         batch, self._batch, self._batch_len = self._batch, [], 0
+        compress, level = self._codec.compress_batch, self._codec.level
         if self._pool is None:
-            self._pending.append(_compress_batch(batch, self._level))
+            self._pending.append(compress(batch, level))
         else:
-            self._pending.append(self._pool.submit(_compress_batch, batch, self._level))
+            self._pending.append(self._pool.submit(compress, batch, level))
         self._drain(self._max_pending)
 
     def _drain(self, keep: int) -> None:
@@ -691,10 +811,6 @@ class _ParallelSink:
             self._pool = None
 
 
-def _compress_batch(batch: list[list[bytes]], level: int) -> list[list[bytes]]:
-    return [compress_member_parts(segments, level) for segments in batch]
-
-
 class _SequentialSink:
     """Members compressed as they are written: needed by min-chunk-size packing.
 
@@ -705,20 +821,20 @@ class _SequentialSink:
     so far, so members cannot be compressed ahead in parallel (upstream doesn't either).
     """
 
-    def __init__(self, out: _Output, level: int, min_chunk_size: int, on_member: OnMember):
+    def __init__(self, out: _Output, codec: _Codec, min_chunk_size: int, on_member: OnMember):
         self._out = out
-        self._level = level
+        self._codec = codec
         self._min = min_chunk_size
         self._on_member = on_member
-        self._member: MemberWriter | None = None
+        self._member: _MemberStream | None = None
         self._start = 0
         self._index = -1
 
-    def _open(self) -> MemberWriter:
+    def _open(self) -> _MemberStream:
         self._index += 1
         self._start = self._out.offset
         self._on_member(self._index, self._start)
-        self._member = MemberWriter(self._level)
+        self._member = self._codec.member_writer(self._codec.level)
         self._out.write(self._member.start())
         return self._member
 
@@ -883,21 +999,21 @@ class _Builder:
         *,
         chunk_size: int,
         min_chunk_size: int,
-        level: int,
+        codec: _Codec,
         workers: int,
     ) -> None:
         self._out = _Output(dst)
         self._toc = _Toc()
         self._chunk_size = chunk_size
-        self._level = level
+        self._codec = codec
         self._diff = hashlib.sha256()
         self._usize = 0
         self._seen: dict[str, _Seen] = {}
         self._sink: _Sink
         if min_chunk_size > 0:
-            self._sink = _SequentialSink(self._out, level, min_chunk_size, self._toc.on_member)
+            self._sink = _SequentialSink(self._out, codec, min_chunk_size, self._toc.on_member)
         else:
-            self._sink = _ParallelSink(self._out, level, workers, self._toc.on_member)
+            self._sink = _ParallelSink(self._out, codec, workers, self._toc.on_member)
 
     def _emit(self, data: bytes) -> None:
         self._diff.update(data)
@@ -1014,37 +1130,82 @@ class _Builder:
 
     def finish(self) -> ConvertResult:
         self._sink.finish()
-        toc_offset = self._out.offset
         with tempfile.SpooledTemporaryFile(max_size=_TOC_SPOOL_MEMORY, mode="w+b") as toc_json:
             toc_size, toc_digest = self._toc.render(toc_json)
             toc_json.seek(0)
-            member = MemberWriter(self._level)
-
-            def put(data: bytes) -> None:
-                self._diff.update(data)
-                self._usize += len(data)
-                self._out.write(member.compress(data))
-
-            put(_ustar_header(TOC_TAR_NAME, toc_size))
-            while data := toc_json.read(_READ_SIZE):
-                put(data)
-            put(bytes((-toc_size) % _BLOCK) + _END_OF_ARCHIVE)
-            self._out.write(member.finish())
-        self._out.write(estargz_footer(toc_offset))
+            annotations = {TOC_DIGEST_ANNOTATION: toc_digest}
+            if self._codec.layer_format == ESTARGZ:
+                toc_offset = self._write_gzip_toc(toc_json, toc_size)
+            else:
+                toc_offset = self._write_zstd_toc(toc_json, toc_size, annotations)
         self._out.flush()
-        diff_id = "sha256:" + self._diff.hexdigest()
+        annotations[UNCOMPRESSED_SIZE_ANNOTATION] = str(self._usize)
         return ConvertResult(
             blob_digest=self._out.digest(),
             blob_size=self._out.offset,
             toc_digest=toc_digest,
-            diff_id=diff_id,
+            diff_id="sha256:" + self._diff.hexdigest(),
             uncompressed_size=self._usize,
             toc_offset=toc_offset,
-            annotations={
-                TOC_DIGEST_ANNOTATION: toc_digest,
-                UNCOMPRESSED_SIZE_ANNOTATION: str(self._usize),
-            },
+            annotations=dict(sorted(annotations.items())),
+            media_type=_MEDIA_TYPES[self._codec.layer_format],
         )
+
+    def _write_gzip_toc(self, toc_json: IO[bytes], toc_size: int) -> int:
+        """The TOC member (a tar holding stargz.index.json) and the footer; its offset."""
+        toc_offset = self._out.offset
+        member = MemberWriter(self._codec.level)
+
+        def put(data: bytes) -> None:
+            # Part of the uncompressed stream: gunzip of the blob yields this tar too.
+            self._diff.update(data)
+            self._usize += len(data)
+            self._out.write(member.compress(data))
+
+        put(_ustar_header(TOC_TAR_NAME, toc_size))
+        while data := toc_json.read(_READ_SIZE):
+            put(data)
+        put(bytes((-toc_size) % _BLOCK) + _END_OF_ARCHIVE)
+        self._out.write(member.finish())
+        self._out.write(estargz_footer(toc_offset))
+        return toc_offset
+
+    def _write_zstd_toc(
+        self, toc_json: IO[bytes], toc_size: int, annotations: dict[str, str]
+    ) -> int:
+        """The zstd:chunked TOC and footer, both in skippable frames; the TOC frame's offset."""
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(
+            level=self._codec.level, write_checksum=True, write_content_size=True
+        )
+        with tempfile.SpooledTemporaryFile(max_size=_TOC_SPOOL_MEMORY, mode="w+b") as packed:
+            z = cctx.compressobj(size=toc_size)
+            h = hashlib.sha256()
+            while data := toc_json.read(_READ_SIZE):
+                chunk = z.compress(data)
+                h.update(chunk)
+                packed.write(chunk)
+            chunk = z.flush()
+            h.update(chunk)
+            packed.write(chunk)
+            packed_size = packed.tell()
+            if packed_size >= 1 << 32:
+                raise UnsupportedError("TOC too large for a zstd skippable frame (4 GiB)")
+            # Skippable frames are invisible to decompressors: not part of diff_id.
+            self._out.write(_ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", packed_size))
+            toc_offset = self._out.offset
+            packed.seek(0)
+            while data := packed.read(_READ_SIZE):
+                self._out.write(data)
+        footer = struct.pack("<QQQQ", toc_offset, packed_size, toc_size, _ZSTD_MANIFEST_TYPE)
+        footer += _ZSTD_CHUNKED_MAGIC
+        self._out.write(_ZSTD_SKIPPABLE_MAGIC + struct.pack("<I", len(footer)) + footer)
+        annotations[ZSTD_MANIFEST_CHECKSUM_ANNOTATION] = "sha256:" + h.hexdigest()
+        annotations[ZSTD_MANIFEST_POSITION_ANNOTATION] = (
+            f"{toc_offset}:{packed_size}:{toc_size}:{_ZSTD_MANIFEST_TYPE}"
+        )
+        return toc_offset
 
     def close(self) -> None:
         self._sink.close()
@@ -1214,13 +1375,15 @@ def write_estargz(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     prioritized: Sequence[str] = (),
     min_chunk_size: int = 0,
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    compression_level: int | None = None,
     workers: int | None = None,
+    layer_format: str = ESTARGZ,
     spool_dir: str | None = None,
 ) -> ConvertResult:
-    """Write the eStargz form of the uncompressed tar read from ``tar_stream`` to ``dst``.
+    """Write the eStargz (or zstd:chunked) form of the tar read from ``tar_stream`` to ``dst``.
 
     ``dst`` is written sequentially, never seeked. See the module docstring for the layout.
+    ``compression_level`` defaults to 6 for gzip, 3 for zstd.
     """
     if isinstance(prioritized, str):
         raise UsageError("prioritized must be a sequence of paths, not one string")
@@ -1228,8 +1391,7 @@ def write_estargz(
         raise UsageError(f"chunk size must be positive, not {chunk_size}")
     if min_chunk_size < 0:
         raise UsageError(f"min chunk size must not be negative, not {min_chunk_size}")
-    if not 0 <= compression_level <= 9:
-        raise UsageError(f"gzip compression level must be 0..9, not {compression_level}")
+    codec = _codec(layer_format, compression_level)
     if workers is None:
         workers = default_workers()
     if workers < 1:
@@ -1239,7 +1401,7 @@ def write_estargz(
         dst,
         chunk_size=chunk_size,
         min_chunk_size=min_chunk_size,
-        level=compression_level,
+        codec=codec,
         workers=workers,
     )
     try:
