@@ -1,0 +1,540 @@
+"""Safe, streaming application of layer tars onto a root directory.
+
+Layers are applied bottom to top with the OCI whiteout rules (``.wh.NAME`` deletes NAME from
+lower layers, ``.wh..wh..opq`` hides every lower child of its directory, a non-directory
+replaces whatever was below). eStargz's ``stargz.index.json`` and landmark files are dropped.
+
+Safety (a hostile layer must not escape the root): every name is cleaned and rejected when
+absolute, with ``..`` or with NUL (:func:`~stargzfs.formats.toc.clean_name`); every path is
+walked from a directory fd of the root one component at a time with ``O_NOFOLLOW``, so a
+symlink in a parent position (planted by this or an earlier layer) is an error, never
+followed; files are created with ``O_EXCL|O_NOFOLLOW`` relative to their parent's fd;
+hardlinks must point at an existing non-directory inside the root. Errors name the entry.
+
+Directory metadata (mode, owner, times) is applied once at the end, deepest first, so
+creating children doesn't disturb it and a read-only directory doesn't block its children.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+from ..errors import FormatError, UnsafePathError
+from ..formats.toc import HIDDEN_NAMES, clean_name
+
+__all__ = ["Decompressor", "LayerApplier", "open_decompressed"]
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE = ".wh..wh..opq"
+_COPY_BLOCK = 1024 * 1024
+_XATTR_PREFIXES = ("SCHILY.xattr.",)
+
+
+# --------------------------------------------------------------------------- decompression
+
+
+class Decompressor(io.RawIOBase):
+    """A read-only stream of the decompressed bytes of ``raw`` (multi-member gzip, multi-frame
+    zstd, or plain), optionally hashing the decompressed output (the layer's diff_id)."""
+
+    def __init__(
+        self,
+        raw: Any,
+        compression: Literal["none", "gzip", "zstd"],
+        *,
+        hash_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self._raw = raw
+        self._compression = compression
+        self._buf = b""
+        self._off = 0
+        self._eof = False
+        self.hasher = __import__("hashlib").sha256() if hash_output else None
+        self._z: Any = None
+        self._zstd_reader: Any = None
+        if compression == "zstd":
+            import zstandard
+
+            self._zstd_reader = zstandard.ZstdDecompressor().stream_reader(
+                raw, read_size=1 << 20, read_across_frames=True, closefd=False
+            )
+        elif compression == "gzip":
+            self._z = zlib.decompressobj(wbits=31)
+        self._member_started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self, want: int) -> None:
+        rest = self._buf[self._off :]
+        self._off = 0
+        out: list[bytes] = [rest] if rest else []
+        have = len(rest)
+        while have < want and not self._eof:
+            if self._compression == "none":
+                data = self._raw.read(max(want - have, 1 << 20))
+                if not data:
+                    self._eof = True
+                    break
+            elif self._compression == "zstd":
+                data = self._zstd_reader.read(max(want - have, 1 << 20))
+                if not data:
+                    self._eof = True
+                    break
+            else:
+                data = self._gunzip_some(want - have)
+                if data is None:
+                    self._eof = True
+                    break
+            if data:
+                if self.hasher is not None:
+                    self.hasher.update(data)
+                out.append(data)
+                have += len(data)
+        self._buf = b"".join(out)
+
+    def _gunzip_some(self, want: int) -> bytes | None:
+        """Some decompressed bytes (may be b""), or None at the end of the stream."""
+        z = self._z
+        if z.unconsumed_tail:
+            data = z.decompress(z.unconsumed_tail, max(want, 1 << 20))
+        else:
+            raw = self._raw.read(1 << 20)
+            if not raw:
+                if self._member_started and not z.eof:
+                    raise FormatError("gzip stream is truncated")
+                return None
+            self._member_started = True
+            data = z.decompress(raw, max(want, 1 << 20))
+        while z.eof:
+            rest = z.unused_data
+            self._z = z = zlib.decompressobj(wbits=31)
+            self._member_started = bool(rest)
+            if not rest:
+                break
+            more = z.decompress(rest, 1 << 20)
+            data += more
+        return bytes(data)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            chunks: list[bytes] = []
+            while True:
+                chunk = self.read(1 << 20)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        if len(self._buf) - self._off < n:
+            try:
+                self._fill(n)
+            except zlib.error as e:
+                raise FormatError(f"corrupt gzip data: {e}") from None
+            except Exception as e:
+                if type(e).__module__.startswith("zstandard") or "zstd" in type(e).__name__:
+                    raise FormatError(f"corrupt zstd data: {e}") from None
+                raise
+        off = self._off
+        if off == 0 and n >= len(self._buf):
+            data, self._buf = self._buf, b""
+            return data
+        data = self._buf[off : off + n]
+        self._off = off + len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Read to the end (so the hash covers everything, trailing padding included)."""
+        while self.read(1 << 20):
+            pass
+
+
+def open_decompressed(
+    raw: IO[bytes] | Any, compression: Literal["none", "gzip", "zstd"], *, hash_output: bool
+) -> Decompressor:
+    return Decompressor(raw, compression, hash_output=hash_output)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+@dataclass
+class _DirMeta:
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+@dataclass
+class ApplyStats:
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped_devices: int = 0
+    whiteouts: int = 0
+    dir_meta: dict[str, _DirMeta] = field(default_factory=dict)
+
+
+def _split(name: str) -> tuple[list[str], str]:
+    parts = name.split("/")
+    return parts[:-1], parts[-1]
+
+
+class LayerApplier:
+    """Applies layer tars, bottom first, onto the directory ``root`` (normally empty)."""
+
+    def __init__(self, root: str, *, as_root: bool | None = None) -> None:
+        self.root = root
+        self.as_root = os.geteuid() == 0 if as_root is None else as_root
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._dir_fds: dict[str, int] = {}
+        self.stats = ApplyStats()
+        self._layer_paths: set[str] = set()
+        self._what = ""
+        self.check_interrupt: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        self._drop_dir_fds()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    def __enter__(self) -> LayerApplier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- directory walking -----------------------------------------------------------------
+    def _drop_dir_fds(self) -> None:
+        for fd in self._dir_fds.values():
+            os.close(fd)
+        self._dir_fds.clear()
+
+    def _parent_fd(self, parents: list[str], entry: str, *, create: bool) -> int:
+        """An fd of the directory ``parents`` under the root, creating missing ones (implicit
+        directories, mode 0755) when ``create``; never through a symlink."""
+        if not parents:
+            return self.root_fd
+        key = "/".join(parents)
+        fd = self._dir_fds.get(key)
+        if fd is not None:
+            return fd
+        fd = self.root_fd
+        walked: list[str] = []
+        for part in parents:
+            walked.append(part)
+            sub = "/".join(walked)
+            cached = self._dir_fds.get(sub)
+            if cached is not None:
+                fd = cached
+                continue
+            try:
+                new = os.open(
+                    part,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=fd,
+                )
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                self._layer_paths.add(sub)
+                new = os.open(
+                    part,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=fd,
+                )
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    kind = "a symlink" if _is_symlink(part, fd) else "not a directory"
+                    raise UnsafePathError(
+                        f"{self._what}: entry {entry!r}: parent {sub!r} is {kind}; "
+                        "refusing to write through it"
+                    ) from None
+                raise
+            self._dir_fds[sub] = new
+            fd = new
+        return fd
+
+    # -- removal ---------------------------------------------------------------------------
+    def _remove(self, pfd: int, base: str, path: str) -> bool:
+        """Remove ``base`` under ``pfd`` (a directory recursively, without following links).
+        True if something was there."""
+        try:
+            st = os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            prefix = path + "/"
+            for key in [k for k in self._dir_fds if k == path or k.startswith(prefix)]:
+                os.close(self._dir_fds.pop(key))
+            shutil.rmtree(base, dir_fd=pfd)
+            for key in [k for k in self.stats.dir_meta if k == path or k.startswith(prefix)]:
+                del self.stats.dir_meta[key]
+        else:
+            os.unlink(base, dir_fd=pfd)
+        return True
+
+    # -- layers ----------------------------------------------------------------------------
+    def apply(self, stream: IO[bytes] | Any, what: str) -> None:
+        """Apply one layer's (decompressed) tar stream."""
+        self._what = what
+        self._layer_paths = set()
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)  # noqa: SIM115
+        except tarfile.TarError as e:
+            raise FormatError(f"{what}: not a tar stream ({e})") from None
+        try:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.TarError as e:
+                    raise FormatError(f"{what}: malformed tar ({e})") from None
+                if member is None:
+                    break
+                if self.check_interrupt is not None:
+                    self.check_interrupt()
+                self._entry(tar, member)
+        finally:
+            tar.close()
+
+    def _entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        raw_name = m.name
+        try:
+            name = clean_name(raw_name)
+        except UnsafePathError as e:
+            raise UnsafePathError(f"{self._what}: {e}") from None
+        if name == "":
+            return  # the layer root itself ("./")
+        if len(self._dir_fds) > 256:
+            self._drop_dir_fds()
+        self.stats.entries += 1
+        parents, base = _split(name)
+        if not parents and base in HIDDEN_NAMES:
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parents, base, name)
+            return
+        pfd = self._parent_fd(parents, name, create=True)
+        if m.isdir():
+            self._dir(pfd, base, name, m)
+        else:
+            existing = self._exists(pfd, base)
+            if existing is not None:
+                self._remove(pfd, base, name)
+            if m.isreg():
+                self._file(tar, pfd, base, name, m)
+            elif m.issym():
+                self._symlink(pfd, base, name, m)
+            elif m.islnk():
+                self._hardlink(pfd, base, name, m)
+            elif m.ischr() or m.isblk() or m.isfifo():
+                self._special(pfd, base, name, m)
+            else:
+                raise FormatError(
+                    f"{self._what}: entry {name!r} has unsupported tar type {m.type!r}"
+                )
+        self._layer_paths.add(name)
+
+    @staticmethod
+    def _exists(pfd: int, base: str) -> os.stat_result | None:
+        try:
+            return os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            return None
+
+    def _whiteout(self, parents: list[str], base: str, name: str) -> None:
+        self.stats.whiteouts += 1
+        try:
+            pfd = self._parent_fd(parents, name, create=False)
+        except FileNotFoundError:
+            return  # nothing below to hide
+        dir_path = "/".join(parents)
+        if base == OPAQUE:
+            prefix = dir_path + "/" if dir_path else ""
+            for child in os.listdir(pfd):
+                if prefix + child not in self._layer_paths:
+                    self._remove(pfd, child, prefix + child)
+            return
+        target = base[len(WHITEOUT_PREFIX) :]
+        if not target or target in (".", ".."):
+            raise UnsafePathError(f"{self._what}: whiteout entry {name!r} names nothing")
+        path = f"{dir_path}/{target}" if dir_path else target
+        if path not in self._layer_paths:
+            self._remove(pfd, target, path)
+
+    def _dir(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+        st = self._exists(pfd, base)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            self._remove(pfd, base, name)
+            st = None
+        if st is None:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        self.stats.dir_meta[name] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime))
+        # xattrs on directories: apply now (they don't change with children)
+        xattrs = _xattrs(m)
+        if xattrs:
+            fd = os.open(
+                base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+            )
+            try:
+                self._set_xattrs(fd, name, xattrs)
+            finally:
+                os.close(fd)
+
+    def _file(
+        self, tar: tarfile.TarFile, pfd: int, base: str, name: str, m: tarfile.TarInfo
+    ) -> None:
+        fd = os.open(
+            base,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
+        try:
+            if m.size:
+                src = tar.extractfile(m)
+                if src is None:
+                    raise FormatError(f"{self._what}: entry {name!r}: no data")
+                remaining = m.size
+                while remaining:
+                    data = src.read(min(_COPY_BLOCK, remaining))
+                    if not data:
+                        raise FormatError(f"{self._what}: entry {name!r}: data is truncated")
+                    os.write(fd, data)
+                    remaining -= len(data)
+                self.stats.bytes += m.size
+            if self.as_root:
+                os.fchown(fd, m.uid, m.gid)
+            os.fchmod(fd, m.mode & 0o7777)
+            xattrs = _xattrs(m)
+            if xattrs:
+                self._set_xattrs(fd, name, xattrs)
+            t = _mtime_ns(m.mtime)
+            os.utime(fd, ns=(t, t))
+        finally:
+            os.close(fd)
+        self.stats.files += 1
+
+    def _symlink(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+        if "\x00" in m.linkname:
+            raise UnsafePathError(f"{self._what}: symlink {name!r} has a NUL in its target")
+        os.symlink(m.linkname, base, dir_fd=pfd)
+        if self.as_root:
+            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        t = _mtime_ns(m.mtime)
+        os.utime(base, ns=(t, t), dir_fd=pfd, follow_symlinks=False)
+
+    def _hardlink(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+        try:
+            target = clean_name(m.linkname)
+        except UnsafePathError as e:
+            raise UnsafePathError(f"{self._what}: hardlink {name!r}: target {e}") from None
+        if not target:
+            raise UnsafePathError(f"{self._what}: hardlink {name!r} points at the root")
+        tparents, tbase = _split(target)
+        try:
+            tfd = self._parent_fd(tparents, name, create=False)
+            st = os.lstat(tbase, dir_fd=tfd)
+        except FileNotFoundError:
+            raise FormatError(
+                f"{self._what}: hardlink {name!r} points at {target!r}, which does not exist"
+            ) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"{self._what}: hardlink {name!r} points at directory {target!r}")
+        os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+
+    def _special(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+        perm = m.mode & 0o7777
+        if m.isfifo():
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+        else:
+            if not self.as_root:
+                self.stats.skipped_devices += 1
+                log.warning("%s: skipping device node %r (not root)", self._what, name)
+                return
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+        if self.as_root:
+            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        # chmod/utime on a special file by name: it cannot be a symlink (we just made it)
+        os.chmod(base, perm, dir_fd=pfd, follow_symlinks=True)
+        t = _mtime_ns(m.mtime)
+        os.utime(base, ns=(t, t), dir_fd=pfd, follow_symlinks=False)
+
+    def _set_xattrs(self, fd: int, name: str, xattrs: dict[str, bytes]) -> None:
+        for key, value in xattrs.items():
+            try:
+                os.setxattr(fd, key, value)
+            except OSError as e:
+                if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                    log.warning(
+                        "%s: %r: cannot set xattr %s (%s)", self._what, name, key, e.strerror
+                    )
+                else:
+                    raise
+
+    # -- the end ---------------------------------------------------------------------------
+    def finish(self, root_meta: _DirMeta | None = None) -> None:
+        """Apply deferred directory metadata, deepest first."""
+        self._drop_dir_fds()
+        items = sorted(self.stats.dir_meta.items(), key=lambda kv: kv[0].count("/"), reverse=True)
+        for path, meta in items:
+            parents, base = _split(path)
+            try:
+                pfd = self._parent_fd(parents, path, create=False)
+                fd = os.open(
+                    base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
+                )
+            except (FileNotFoundError, UnsafePathError):
+                continue
+            try:
+                if self.as_root:
+                    os.fchown(fd, meta.uid, meta.gid)
+                os.fchmod(fd, meta.mode)
+                os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+            finally:
+                os.close(fd)
+            if len(self._dir_fds) > 256:
+                self._drop_dir_fds()
+        os.fchmod(self.root_fd, 0o755)
+
+
+def _is_symlink(part: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(part, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _mtime_ns(mtime: float | int) -> int:
+    if isinstance(mtime, int):
+        return mtime * 1_000_000_000
+    return round(mtime * 1_000_000_000)
+
+
+def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for key, value in m.pax_headers.items():
+        for prefix in _XATTR_PREFIXES:
+            if key.startswith(prefix):
+                out[key[len(prefix) :]] = value.encode("utf-8", "surrogateescape")
+    return out

@@ -1,0 +1,259 @@
+"""Downloading one blob into the cache, resumably, verified, and readable while it arrives.
+
+:class:`BlobDownload` is shared between the trio task that downloads a blob and a worker
+thread that consumes it (the rootfs extractor): :meth:`BlobDownload.reader` returns a
+file-like object that reads the blob from the start and, at the end of what has arrived
+so far, waits for more. The blob is verified against its digest when the last byte has
+arrived; a mismatch deletes the bytes and fails the reader too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import DigestMismatchError, StargzfsError
+from .blob_cache import BlobCache
+
+if TYPE_CHECKING:
+    from ..reference import Repository
+    from ..registry.client import RegistryClient
+    from .progress import Progress
+
+__all__ = ["BlobDownload", "FetchStats", "fetch_blob"]
+
+_HASH_BLOCK = 4 * 1024 * 1024
+_WRITE_BATCH = 1024 * 1024
+
+
+@dataclass
+class FetchStats:
+    cache_hits: int = 0
+    bytes_saved: int = 0
+    bytes_downloaded: int = 0
+    bytes_resumed: int = 0
+
+
+class BlobDownload:
+    """One blob's download state, safe to observe from another thread."""
+
+    def __init__(self, digest: str, size: int, what: str) -> None:
+        self.digest = digest
+        self.size = size
+        self.what = what
+        self.path: Path | None = None  # where the bytes are (partial, then final)
+        self.written = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._cond = threading.Condition()
+
+    # -- producer side --------------------------------------------------------------------
+    def started(self, path: Path, written: int) -> None:
+        with self._cond:
+            self.path, self.written = path, written
+            self._cond.notify_all()
+
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self.written = written
+            self._cond.notify_all()
+
+    def finish(self, path: Path) -> None:
+        with self._cond:
+            self.path, self.done = path, True
+            self.written = self.size
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Wake and stop readers (the pull is being torn down)."""
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    # -- consumer side --------------------------------------------------------------------
+    def _wait(self, pos: int) -> tuple[Path, int, bool]:
+        with self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.cancelled:
+                    raise StargzfsError(f"{self.what}: download cancelled")
+                if self.path is not None and (self.written > pos or self.done):
+                    return self.path, self.written, self.done
+                self._cond.wait(1.0)
+
+    def reader(self) -> _FollowReader:
+        return _FollowReader(self)
+
+
+class _FollowReader:
+    """A read-only file object over a blob that may still be downloading."""
+
+    def __init__(self, dl: BlobDownload) -> None:
+        self._dl = dl
+        self._fd: int | None = None
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        if n < 0:
+            n = 1 << 62
+        path, written, _done = self._dl._wait(self._pos)
+        if self._fd is None:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        avail = written - self._pos
+        if avail <= 0:
+            return b""  # done and at the end
+        data = os.pread(self._fd, min(n, avail, 1 << 24), self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # pragma: no cover - convenience
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> _FollowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hash_file_prefix(fd: int, length: int) -> hashlib._Hash:
+    h = hashlib.sha256()
+    pos = 0
+    while pos < length:
+        data = os.pread(fd, min(_HASH_BLOCK, length - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return h
+
+
+async def fetch_blob(
+    client: RegistryClient,
+    repo: Repository,
+    dl: BlobDownload,
+    cache: BlobCache,
+    stats: FetchStats,
+    progress: Progress | None = None,
+) -> Path:
+    """Make the blob ``dl`` describes complete and verified in ``cache``; returns its path.
+
+    Resumes from a ``.partial`` left by an earlier run. On a digest mismatch the bytes are
+    discarded and :class:`DigestMismatchError` raised (and handed to readers).
+    """
+    try:
+        return await _fetch(client, repo, dl, cache, stats, progress)
+    except BaseException as e:
+        dl.fail(e if isinstance(e, StargzfsError) else StargzfsError(f"{dl.what}: {e!r}"))
+        raise
+
+
+async def _fetch(
+    client: RegistryClient,
+    repo: Repository,
+    dl: BlobDownload,
+    cache: BlobCache,
+    stats: FetchStats,
+    progress: Progress | None,
+) -> Path:
+    cached = cache.lookup(dl.digest, dl.size)
+    if cached is not None:
+        stats.cache_hits += 1
+        stats.bytes_saved += dl.size
+        if progress is not None:
+            progress.cached(dl.digest, dl.size)
+        dl.finish(cached)
+        return cached
+    opened = await trio.to_thread.run_sync(cache.open_partial, dl.digest)
+    private = opened is None
+    if opened is None:  # another process is writing this partial: download privately
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=cache.dir, prefix=".tmp-", suffix=".partial")
+        opened = fd, Path(name)
+    fd, partial = opened
+    try:
+        have = os.fstat(fd).st_size
+        if have > dl.size:
+            os.ftruncate(fd, 0)
+            have = 0
+        hasher = await trio.to_thread.run_sync(_hash_file_prefix, fd, have)
+        if have:
+            stats.bytes_resumed += have
+        dl.started(partial, have)
+        if progress is not None:
+            progress.start(dl.digest, dl.size, have)
+        pos = have
+        if pos < dl.size:
+            pending: list[bytes] = []
+            pending_len = 0
+
+            def flush_sync(chunks: list[bytes], at: int) -> None:
+                data = b"".join(chunks)
+                hasher.update(data)
+                os.pwrite(fd, data, at)
+
+            async with aclosing(
+                client.stream_blob(repo, dl.digest, offset=pos, verify=False)
+            ) as chunks:
+                async for chunk in chunks:
+                    if pos + pending_len + len(chunk) > dl.size:
+                        raise DigestMismatchError(
+                            dl.what, dl.digest, f"more than the declared {dl.size} bytes"
+                        )
+                    pending.append(chunk)
+                    pending_len += len(chunk)
+                    stats.bytes_downloaded += len(chunk)
+                    if progress is not None:
+                        progress.advance(dl.digest, len(chunk))
+                    if pending_len >= _WRITE_BATCH:
+                        await trio.to_thread.run_sync(flush_sync, pending, pos)
+                        pos += pending_len
+                        pending, pending_len = [], 0
+                        dl.advance(pos)
+            if pending:
+                await trio.to_thread.run_sync(flush_sync, pending, pos)
+                pos += pending_len
+                dl.advance(pos)
+        actual = "sha256:" + hasher.hexdigest()
+        if pos != dl.size or actual != dl.digest:
+            cache.discard(partial)
+            got = actual if pos == dl.size else f"{pos} of {dl.size} bytes"
+            raise DigestMismatchError(dl.what, dl.digest, got)
+        final = cache.commit(dl.digest, partial)
+        dl.finish(final)
+        if progress is not None:
+            progress.finish(dl.digest)
+        return final
+    except BaseException:
+        if private:
+            cache.discard(partial)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)

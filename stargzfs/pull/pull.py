@@ -1,0 +1,393 @@
+"""``stargzfs pull``: materialize a whole image as a rootfs, an OCI layout, a docker-archive
+or a ``dir:`` layout.
+
+Data flow: the image is resolved (manifest, config), then every layer blob downloads in
+parallel (``jobs`` at a time, bottom layer first) into the content-addressed blob cache,
+resuming ``.partial`` files left by an interrupted run and verifying each blob's sha256. For
+a rootfs a worker thread applies the layers bottom to top *while they download*: it reads
+each blob as it grows on disk, decompresses and untars it into a staging directory next to
+DEST, and checks the uncompressed bytes against the config's diff_id. Only when everything
+verified is the staging directory renamed to DEST; on any failure it is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, TextIO
+
+import trio
+
+from ..errors import DigestMismatchError, StargzfsError, UsageError
+from ..image import (
+    IMAGE_MEDIA_TYPES,
+    Descriptor,
+    Manifest,
+    ResolvedImage,
+    parse_config,
+    parse_manifest,
+    resolve_image,
+)
+from ..reference import Platform, Reference, parse_reference
+from .blob_cache import BlobCache, default_cache_dir
+from .extract import LayerApplier, open_decompressed
+from .fetch import BlobDownload, FetchStats, fetch_blob
+from .layouts import ImageBlobs, write_dir, write_docker_archive, write_oci_layout
+from .progress import Progress, human_bytes
+
+if TYPE_CHECKING:
+    from ..registry.client import RegistryClient
+
+__all__ = ["FORMATS", "PullOptions", "PullResult", "pull"]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["rootfs", "oci", "docker-archive", "dir"]
+FORMATS: tuple[str, ...] = ("rootfs", "oci", "docker-archive", "dir")
+_MAX_CONFIG = 8 * 1024 * 1024
+
+
+@dataclass
+class PullOptions:
+    format: Format = "rootfs"
+    platform: Platform | None = None
+    all_platforms: bool = False
+    jobs: int = 4
+    connections: int = 1
+    cache_dir: Path | None = None
+    no_cache: bool = False
+    force: bool = False
+    quiet: bool = False
+    progress_stream: TextIO | None = None
+    progress_interval: float | None = None
+
+
+@dataclass
+class PullResult:
+    dest: Path
+    manifest_digests: list[str]
+    layers: int
+    stats: FetchStats
+    seconds: float
+    files: int = 0
+    bytes_written: int = 0
+    skipped_devices: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = self.stats
+        text = (
+            f"pulled {self.layers} layer(s) to {self.dest} in {self.seconds:.2f}s: "
+            f"downloaded {human_bytes(s.bytes_downloaded)}"
+        )
+        if s.bytes_resumed:
+            text += f" (resumed after {human_bytes(s.bytes_resumed)} already on disk)"
+        text += f"; cache hits: {s.cache_hits}, bytes saved: {human_bytes(s.bytes_saved)}"
+        if self.skipped_devices:
+            text += f"; skipped {self.skipped_devices} device node(s) (not root)"
+        return text
+
+
+# --------------------------------------------------------------------------- destination
+
+
+def _check_dest(dest: Path, fmt: Format, force: bool) -> None:
+    if fmt == "docker-archive":
+        if dest.is_dir() and not dest.is_symlink():
+            raise UsageError(f"{dest} is a directory; docker-archive writes a file")
+        if dest.exists() and not force:
+            raise UsageError(f"{dest} already exists (use --force to overwrite it)")
+        return
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        if not force:
+            raise UsageError(f"{dest} exists and is not a directory (use --force to replace it)")
+    elif dest.is_dir() and any(os.scandir(dest)) and not force:
+        raise UsageError(f"{dest} is not empty (use --force to replace its contents)")
+    if not dest.parent.is_dir():
+        raise UsageError(f"{dest.parent} does not exist")
+
+
+def _install(staging: Path, dest: Path) -> None:
+    """Rename ``staging`` to ``dest``, replacing what's there (checked by _check_dest)."""
+    trash: Path | None = None
+    if dest.is_symlink() or dest.exists():
+        if dest.is_dir() and not dest.is_symlink() and not any(os.scandir(dest)):
+            dest.rmdir()
+        else:
+            trash = dest.with_name(f".{dest.name}.stargzfs-old-{os.getpid()}")
+            os.rename(dest, trash)
+    os.rename(staging, dest)
+    if trash is not None:
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink()
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+async def _all_platform_images(
+    client: RegistryClient, ref: Reference
+) -> tuple[list[ResolvedImage], bytes | None, str | None, str | None]:
+    """Every image of an index (or the single image), with the index's exact bytes."""
+    response = await client.get_manifest(ref)
+    doc = parse_manifest(response.data, response.media_type)
+    if isinstance(doc, Manifest):
+        img = await resolve_image(client, ref.with_digest(response.digest))
+        return [img], None, None, None
+    images: list[ResolvedImage] = []
+    for desc in doc.images():
+        if desc.media_type not in IMAGE_MEDIA_TYPES:
+            raise StargzfsError(f"{ref}: nested indexes are not supported with --all-platforms")
+        m = await client.get_manifest(ref.with_digest(desc.digest))
+        manifest = parse_manifest(m.data, m.media_type)
+        assert isinstance(manifest, Manifest)
+        config_raw = await client.get_blob(ref.repo, manifest.config.digest, max_size=_MAX_CONFIG)
+        config = parse_config(config_raw)
+        images.append(ResolvedImage(ref, m.digest, manifest, config, doc, response.digest))
+    return images, response.data, response.digest, doc.media_type
+
+
+async def _config_raw(client: RegistryClient, img: ResolvedImage) -> bytes:
+    if img.config.raw:
+        return img.config.raw
+    return await client.get_blob(img.ref.repo, img.manifest.config.digest, max_size=_MAX_CONFIG)
+
+
+# --------------------------------------------------------------------------- pulling
+
+
+async def pull(
+    ref_text: str,
+    dest: Path | str,
+    options: PullOptions | None = None,
+    *,
+    client: RegistryClient | None = None,
+) -> PullResult:
+    """Pull ``ref_text`` into ``dest``; see the module doc."""
+    opts = options or PullOptions()
+    dest = Path(dest).absolute()
+    if opts.format not in FORMATS:
+        raise UsageError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
+    if opts.all_platforms and opts.format != "oci":
+        raise UsageError("--all-platforms needs --format oci")
+    if opts.all_platforms and opts.platform is not None:
+        raise UsageError("--platform and --all-platforms are mutually exclusive")
+    if opts.jobs < 1 or opts.connections < 1:
+        raise UsageError("--jobs and --connections must be at least 1")
+    ref = parse_reference(ref_text)
+    _check_dest(dest, opts.format, opts.force)
+    if client is None:
+        from ..registry.client import RegistryClient
+
+        async with RegistryClient() as own:
+            return await _pull(own, ref, dest, opts)
+    return await _pull(client, ref, dest, opts)
+
+
+async def _pull(
+    client: RegistryClient, ref: Reference, dest: Path, opts: PullOptions
+) -> PullResult:
+    started = time.monotonic()
+    progress = Progress(opts.progress_stream, quiet=opts.quiet, interval=opts.progress_interval)
+    index_raw = index_digest = index_media_type = None
+    if opts.all_platforms:
+        images, index_raw, index_digest, index_media_type = await _all_platform_images(client, ref)
+    else:
+        images = [await resolve_image(client, ref, opts.platform)]
+    stats = FetchStats()
+    temp_cache: Path | None = None
+    if opts.no_cache:
+        temp_cache = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.blobs-"))
+        cache = BlobCache(temp_cache)
+    else:
+        cache = BlobCache(opts.cache_dir or default_cache_dir())
+    downloads: dict[str, BlobDownload] = {}
+    for img in images:
+        for i, layer in enumerate(img.manifest.layers):
+            if layer.digest not in downloads:
+                downloads[layer.digest] = BlobDownload(
+                    layer.digest, layer.size, f"layer {i} ({layer.digest}) of {ref}"
+                )
+    staging: Path | None = None
+    try:
+        if opts.format == "docker-archive":
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.stargzfs-")
+            os.close(fd)
+            staging = Path(name)
+        else:
+            staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.stargzfs-"))
+        result = PullResult(dest, [img.digest for img in images], len(downloads), stats, 0.0)
+        await _download_and_build(
+            client, ref, images, downloads, cache, stats, progress, staging, opts, result
+        )
+        if opts.format != "rootfs":
+            await trio.to_thread.run_sync(
+                _write_layout,
+                opts.format,
+                staging,
+                ref,
+                [await _image_blobs(client, img, downloads) for img in images],
+                index_raw,
+                index_digest,
+                index_media_type,
+            )
+        _install(staging, dest)
+        staging = None
+    finally:
+        if staging is not None:
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    staging.unlink()
+        if temp_cache is not None:
+            shutil.rmtree(temp_cache, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    progress.message(result.summary())
+    return result
+
+
+async def _image_blobs(
+    client: RegistryClient, img: ResolvedImage, downloads: dict[str, BlobDownload]
+) -> ImageBlobs:
+    paths = {}
+    for layer in img.manifest.layers:
+        path = downloads[layer.digest].path
+        assert path is not None
+        paths[layer.digest] = path
+    return ImageBlobs(
+        img.digest,
+        img.manifest.media_type,
+        img.manifest.raw,
+        img.manifest.config.digest,
+        await _config_raw(client, img),
+        img.manifest.layers,
+        img.config.diff_ids,
+        paths,
+    )
+
+
+def _write_layout(
+    fmt: Format,
+    staging: Path,
+    ref: Reference,
+    images: list[ImageBlobs],
+    index_raw: bytes | None,
+    index_digest: str | None,
+    index_media_type: str | None,
+) -> None:
+    if fmt == "oci":
+        write_oci_layout(
+            staging,
+            images,
+            ref.tag,
+            index_raw=index_raw,
+            index_digest=index_digest,
+            index_media_type=index_media_type,
+        )
+    elif fmt == "dir":
+        write_dir(staging, images[0])
+    else:
+        tags = [ref.familiar()] if ref.tag is not None and ref.digest is None else []
+        write_docker_archive(staging, images[0], tags)
+
+
+async def _download_and_build(
+    client: RegistryClient,
+    ref: Reference,
+    images: list[ResolvedImage],
+    downloads: dict[str, BlobDownload],
+    cache: BlobCache,
+    stats: FetchStats,
+    progress: Progress,
+    staging: Path,
+    opts: PullOptions,
+    result: PullResult,
+) -> None:
+    limiter = trio.CapacityLimiter(opts.jobs)
+    abort = threading.Event()
+    extracted = threading.Event()
+
+    async def one(dl: BlobDownload) -> None:
+        async with limiter:
+            await fetch_blob(client, ref.repo, dl, cache, stats, progress)
+
+    async def ticker() -> None:
+        while True:
+            await trio.sleep(progress.interval)
+            progress.tick()
+
+    def extract() -> None:
+        try:
+            img = images[0]
+            _apply_layers(
+                staging, img.manifest.layers, img.config.diff_ids, downloads, abort, result
+            )
+        finally:
+            extracted.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if not opts.quiet:
+                nursery.start_soon(ticker)
+            async with trio.open_nursery() as work:
+                for dl in downloads.values():
+                    work.start_soon(one, dl)
+                if opts.format == "rootfs":
+                    progress.stage = "pulling"
+                    work.start_soon(
+                        lambda: trio.to_thread.run_sync(extract, abandon_on_cancel=True)
+                    )
+            nursery.cancel_scope.cancel()
+    except BaseException:
+        abort.set()
+        for dl in downloads.values():
+            dl.cancel()
+        if opts.format == "rootfs":
+            # the extractor stops at its next entry; wait for it before the staging is removed
+            await trio.to_thread.run_sync(extracted.wait, 30.0)
+        raise
+    progress.tick(force=True)
+
+
+def _apply_layers(
+    staging: Path,
+    layers: Sequence[Descriptor],
+    diff_ids: Sequence[str],
+    downloads: dict[str, BlobDownload],
+    abort: threading.Event,
+    result: PullResult,
+) -> None:
+    def check() -> None:
+        if abort.is_set():
+            raise StargzfsError("pull aborted")
+
+    with LayerApplier(str(staging)) as applier:
+        applier.check_interrupt = check
+        for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+            dl = downloads[layer.digest]
+            what = f"layer {i} ({layer.digest})"
+            with dl.reader() as raw:
+                stream = open_decompressed(raw, layer.compression or "none", hash_output=True)
+                applier.apply(stream, what)
+                stream.drain()
+                assert stream.hasher is not None
+                actual = "sha256:" + stream.hasher.hexdigest()
+            if actual != diff_id:
+                raise DigestMismatchError(
+                    f"{what}: uncompressed content (diff_id)", diff_id, actual
+                )
+        applier.finish()
+        result.files = applier.stats.files
+        result.bytes_written = applier.stats.bytes
+        result.skipped_devices = applier.stats.skipped_devices
