@@ -73,7 +73,8 @@ from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import IO, Any, Protocol
 
 from ..errors import FormatError, NotFoundError, UnsafePathError, UnsupportedError, UsageError
-from .gzip_members import MemberWriter, compress_member_parts, estargz_footer
+from .footer import estargz_footer
+from .gzip_members import MemberWriter, compress_member_parts
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -19,7 +19,6 @@ __all__ = [
     "MemberWriter",
     "compress_member",
     "compress_member_parts",
-    "estargz_footer",
     "member_header",
 ]
 
@@ -137,21 +136,3 @@ class MemberWriter:
             + self._z.flush(zlib.Z_FINISH)
             + _trailer(self._crc, self.uncompressed_size)
         )
-
-
-def estargz_footer(toc_offset: int) -> bytes:
-    """The 51-byte eStargz footer: an empty gzip member whose Extra field points at the TOC.
-
-    Layout (RFC 1952): header with FLG=FEXTRA, XLEN=26, one subfield ``S`` ``G`` LEN=22 holding
-    ``%016x`` of the TOC member's offset followed by ``STARGZ``; then an empty final stored
-    deflate block and a zero CRC/ISIZE trailer. Byte-identical to upstream's footer.
-    """
-    if not 0 <= toc_offset < 1 << 64:
-        raise ValueError(f"TOC offset out of range: {toc_offset}")
-    subfield = b"%016xSTARGZ" % toc_offset
-    extra = b"SG" + struct.pack("<H", len(subfield)) + subfield
-    header = bytes((0x1F, 0x8B, 8, _FEXTRA, 0, 0, 0, 0, 0, _OS_UNKNOWN))
-    empty_final_block = b"\x01\x00\x00\xff\xff"
-    footer = header + struct.pack("<H", len(extra)) + extra + empty_final_block + _trailer(0, 0)
-    assert len(footer) == ESTARGZ_FOOTER_SIZE
-    return footer
