@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from harness.proxy import RegistryProxy
 
 from stargzfs.errors import DigestMismatchError, FormatError, UnsafePathError, UsageError
 from stargzfs.pull.pull import PullOptions, pull
-from stargzfs.registry import RegistryClient
 
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -207,3 +205,170 @@ async def test_rootfs_gzip_zstd_uncompressed(
     assert os.readlink(dest / "link") == "bin/tool"
     assert (dest / "hard").stat().st_ino == (dest / "bin/tool").stat().st_ino
     assert int((dest / "bin/tool").stat().st_mtime) == 1_700_000_000
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def _nothing_outside(tmp_path: Path, outside: Path, dest: Path) -> None:
+    assert list(outside.iterdir()) == [] or sorted(p.name for p in outside.iterdir()) == ["victim"]
+    if (outside / "victim").exists():
+        assert (outside / "victim").read_bytes() == b"original"
+    assert not dest.exists()
+    assert not list(tmp_path.glob(".out.*")), "staging left behind"
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    d = tmp_path / "outside"
+    d.mkdir()
+    (d / "victim").write_bytes(b"original")
+    return d
+
+
+def _hostile_cases(
+    outside: Path,
+) -> dict[str, tuple[list[list[tuple[tarfile.TarInfo, bytes | None]]], str]]:
+    nul = ti("a")
+    nul.pax_headers = {"path": "evil\x00name"}
+    return {
+        "absolute": ([[(ti("/abs-evil"), b"x")]], "/abs-evil"),
+        "dotdot": ([[(ti("../evil"), b"x")]], "../evil"),
+        "inner-dotdot": ([[(ti("a/../../evil"), b"x")]], "a/../../evil"),
+        "nul": ([[(nul, b"x")]], "evil\\x00name"),
+        "symlink-then-write-earlier-layer": (
+            [
+                [(ti("esc", tarfile.SYMTYPE, linkname=str(outside)), None)],
+                [(ti("esc/victim"), b"pwned")],
+            ],
+            "esc/victim",
+        ),
+        "relative-symlink-same-layer": (
+            [
+                [
+                    (ti("d", tarfile.DIRTYPE), None),
+                    (ti("d/esc", tarfile.SYMTYPE, linkname="../../outside"), None),
+                    (ti("d/esc/victim"), b"pwned"),
+                ]
+            ],
+            "d/esc/victim",
+        ),
+        "hardlink-outside": (
+            [[(ti("h", tarfile.LNKTYPE, linkname="../outside/victim"), None)]],
+            "../outside/victim",
+        ),
+        "hardlink-absolute": (
+            [[(ti("h", tarfile.LNKTYPE, linkname=str(outside / "victim")), None)]],
+            "h",
+        ),
+        "hardlink-missing": (
+            [[(ti("h", tarfile.LNKTYPE, linkname="not/there"), None)]],
+            "not/there",
+        ),
+        "whiteout-dotdot": ([[(ti("x", tarfile.DIRTYPE), None), (ti("x/.wh.."), b"")]], "x/.wh.."),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "absolute",
+        "dotdot",
+        "inner-dotdot",
+        "nul",
+        "symlink-then-write-earlier-layer",
+        "relative-symlink-same-layer",
+        "hardlink-outside",
+        "hardlink-absolute",
+        "hardlink-missing",
+        "whiteout-dotdot",
+    ],
+)
+async def test_hostile_layers_are_refused(
+    registry: Registry, tmp_path: Path, outside: Path, case: str
+) -> None:
+    layers, named = _hostile_cases(outside)[case]
+    ref = push(registry, tmp_path, f"pull/hostile-{case}", [layer(build_tar(x)) for x in layers])
+    dest = tmp_path / "out"
+    with pytest.raises((UnsafePathError, FormatError)) as info:
+        await pull(ref, dest, opts(tmp_path))
+    assert named in str(info.value)
+    _nothing_outside(tmp_path, outside, dest)
+
+
+async def test_symlink_replaced_by_file_is_not_followed(
+    registry: Registry, tmp_path: Path, outside: Path
+) -> None:
+    """A later layer's regular file over an earlier layer's symlink replaces the link."""
+    lower = build_tar([(ti("f", tarfile.SYMTYPE, linkname=str(outside / "victim")), None)])
+    upper = build_tar([(ti("f"), b"new"), (ti("g", tarfile.SYMTYPE, linkname="/"), None)])
+    ref = push(registry, tmp_path, "pull/replace-link", [layer(lower), layer(upper)])
+    dest = tmp_path / "out"
+    await pull(ref, dest, opts(tmp_path))
+    assert (dest / "f").read_bytes() == b"new" and not (dest / "f").is_symlink()
+    assert (outside / "victim").read_bytes() == b"original"
+
+
+def test_cli_hostile_layer_exit_code(registry: Registry, tmp_path: Path, outside: Path) -> None:
+    ref = push(registry, tmp_path, "pull/hostile-cli", [layer(build_tar([(ti("../x"), b"x")]))])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stargzfs",
+            "pull",
+            ref,
+            str(tmp_path / "out"),
+            "-q",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert res.returncode == 6, res.stderr
+    assert "../x" in res.stderr
+    _nothing_outside(tmp_path, outside, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- verification
+
+
+async def test_corrupt_blob_is_exit_6_and_discarded(
+    registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path
+) -> None:
+    data = os.urandom(200_000)
+    blob = layer(make_tar({"f": data}))
+    ref = push(registry, tmp_path, "pull/corrupt", [blob])
+    registry_proxy.corrupt_blob(blob.digest, 5000)
+    proxied = ref.replace(registry.host, registry_proxy.host)
+    dest = tmp_path / "out"
+    with pytest.raises(DigestMismatchError) as info:
+        await pull(proxied, dest, opts(tmp_path))
+    assert info.value.exit_code == 6
+    assert not dest.exists()
+    hexd = blob.digest.split(":")[1]
+    assert not (tmp_path / "cache/blobs/sha256" / hexd).exists()
+    assert not (tmp_path / "cache/blobs/sha256" / f"{hexd}.partial").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+async def test_dest_conflicts(fixture_image: str, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "old").write_text("keep")
+    with pytest.raises(UsageError, match="not empty"):
+        await pull(fixture_image, dest, opts(tmp_path))
+    assert (dest / "old").read_text() == "keep"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UsageError):
+        await pull(fixture_image, afile, opts(tmp_path))
+    await pull(fixture_image, dest, opts(tmp_path, force=True))
+    assert not (dest / "old").exists() and (dest / "usr/bin/hello").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    await pull(fixture_image, empty, opts(tmp_path))
+    assert (empty / "usr/bin/hello").is_file()

@@ -14,6 +14,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,12 @@ class BlobDownload:
             self.written = written
             self._cond.notify_all()
 
-    def finish(self, path: Path) -> None:
+    def finish(self, path: Path, commit: Callable[[], Path] | None = None) -> None:
+        """Mark complete; ``commit`` (renaming the file) runs under the lock so a reader never
+        sees a path that no longer exists."""
         with self._cond:
+            if commit is not None:
+                path = commit()
             self.path, self.done = path, True
             self.written = self.size
             self._cond.notify_all()
@@ -87,7 +92,8 @@ class BlobDownload:
             self._cond.notify_all()
 
     # -- consumer side --------------------------------------------------------------------
-    def _wait(self, pos: int) -> tuple[Path, int, bool]:
+    def _wait(self, pos: int, fd: int | None) -> tuple[int, int]:
+        """Wait for bytes past ``pos``; returns (an open fd of the file, bytes written)."""
         with self._cond:
             while True:
                 if self.error is not None:
@@ -95,7 +101,9 @@ class BlobDownload:
                 if self.cancelled:
                     raise StargzfsError(f"{self.what}: download cancelled")
                 if self.path is not None and (self.written > pos or self.done):
-                    return self.path, self.written, self.done
+                    if fd is None:
+                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                    return fd, self.written
                 self._cond.wait(1.0)
 
     def reader(self) -> _FollowReader:
@@ -115,9 +123,7 @@ class _FollowReader:
             return b""
         if n < 0:
             n = 1 << 62
-        path, written, _done = self._dl._wait(self._pos)
-        if self._fd is None:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd, written = self._dl._wait(self._pos, self._fd)
         avail = written - self._pos
         if avail <= 0:
             return b""  # done and at the end
@@ -245,8 +251,8 @@ async def _fetch(
             cache.discard(partial)
             got = actual if pos == dl.size else f"{pos} of {dl.size} bytes"
             raise DigestMismatchError(dl.what, dl.digest, got)
-        final = cache.commit(dl.digest, partial)
-        dl.finish(final)
+        final = cache.path(dl.digest)
+        dl.finish(final, lambda: cache.commit(dl.digest, partial))
         if progress is not None:
             progress.finish(dl.digest)
         return final

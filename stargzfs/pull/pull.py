@@ -349,15 +349,45 @@ async def _download_and_build(
                         lambda: trio.to_thread.run_sync(extract, abandon_on_cancel=True)
                     )
             nursery.cancel_scope.cancel()
-    except BaseException:
+    except BaseException as e:
         abort.set()
         for dl in downloads.values():
             dl.cancel()
         if opts.format == "rootfs":
             # the extractor stops at its next entry; wait for it before the staging is removed
-            await trio.to_thread.run_sync(extracted.wait, 30.0)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(extracted.wait, 30.0)
+        if isinstance(e, BaseExceptionGroup):
+            first = _first_error(e)
+            if first is not None:
+                raise first from None
         raise
     progress.tick(force=True)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The error to report from a nursery's group: a KeyboardInterrupt, else the first of
+    ours (a failed download cancels its siblings, whose Cancelled is not the story)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, StargzfsError) and "download cancelled" not in str(leaf):
+            return leaf
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return None
 
 
 def _apply_layers(
