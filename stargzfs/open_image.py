@@ -1,0 +1,288 @@
+"""Open an image for reading: a registry reference or a local OCI layout (``oci:DIR[:TAG]``).
+
+:func:`open_image` resolves the manifest and config (through an index, for the platform) and
+returns an :class:`OpenedImage`, which knows each layer's bytes (a registry blob read with
+ranges, or a file in the layout) and builds the merged :class:`~stargzfs.view.ImageView`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import FormatError, NotFoundError, NotLazyError, UsageError
+from .image import (
+    MAX_CONFIG_SIZE,
+    Descriptor,
+    ImageConfig,
+    Index,
+    Manifest,
+    parse_config,
+    parse_manifest,
+    select_platform,
+)
+from .reference import Platform, parse_digest
+from .source import ByteSource, FileSource
+
+if TYPE_CHECKING:
+    from .registry import Credentials, RegistryClient
+    from .view import ImageView
+
+__all__ = ["LayerInfo", "OpenedImage", "open_image", "parse_oci_ref"]
+
+OCI_PREFIX = "oci:"
+_MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+_MAX_INDEX_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What ``stargzfs layers`` shows for one layer."""
+
+    descriptor: Descriptor
+    format: str  # LayerFormat value: estargz, zstd:chunked, gzip, zstd, tar
+    lazy: bool
+    verified: bool  # a TOC digest annotation vouches for the layer's TOC
+    entries: int | None  # TOC entries (None when the layer is not lazy)
+
+
+@dataclass
+class OpenedImage:
+    """A resolved image and the means to read its layers. Close with :meth:`aclose`."""
+
+    ref: str
+    digest: str  # of the manifest
+    manifest: Manifest
+    config: ImageConfig
+    index_digest: str | None = None
+    client: RegistryClient | None = None
+    layout_dir: str | None = None
+    repo: Any = None  # registry Repository, when from a registry
+    _sources: list[FileSource] = field(default_factory=list, repr=False)
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]:
+        return self.manifest.layers
+
+    def layer_source(self, desc: Descriptor) -> ByteSource:
+        """The layer's bytes: ranges of the registry blob, or the layout's blob file."""
+        if self.client is not None:
+            from .registry import RegistryBlobSource
+
+            return RegistryBlobSource(self.client, self.repo, desc.digest, desc.size)
+        assert self.layout_dir is not None
+        src = FileSource(_blob_path(self.layout_dir, desc.digest))
+        self._sources.append(src)
+        if src.size != desc.size:
+            raise FormatError(
+                f"{self.ref}: blob {desc.digest} is {src.size} bytes, the manifest says {desc.size}"
+            )
+        return src
+
+    async def layer_info(self, position: int) -> LayerInfo:
+        """Format detection for one layer (reads only its footer, or first bytes)."""
+        from .formats.layer import detect_format
+
+        desc = self.layers[position]
+        source = self.layer_source(desc)
+        fmt, _footer = await detect_format(source)
+        entries = None
+        if fmt.lazy:
+            from .index import load_index
+
+            index = await load_index(
+                source, desc.annotations, blob_digest=desc.digest, what=_layer_name(position, desc)
+            )
+            entries = index.entry_count
+            index.close()
+        return LayerInfo(desc, fmt.value, fmt.lazy, desc.toc_digest is not None, entries)
+
+    async def view(self, cache_dir: str | os.PathLike[str] | None = None) -> ImageView:
+        """The merged filesystem. Raises :class:`NotLazyError` if a layer has no TOC."""
+        from .index import load_index
+        from .view import ImageView, LayerView
+
+        layers = []
+        for i, desc in enumerate(self.layers):
+            name = _layer_name(i, desc)
+            source = self.layer_source(desc)
+            try:
+                index = await load_index(
+                    source,
+                    desc.annotations,
+                    cache_dir=cache_dir,
+                    blob_digest=desc.digest,
+                    what=name,
+                )
+            except NotLazyError as e:
+                raise NotLazyError(
+                    f"{self.ref}: {e}; only eStargz and zstd:chunked images can be read "
+                    "without pulling (convert it first)"
+                ) from None
+            layers.append(LayerView(source, index, name))
+        return ImageView(layers)
+
+    async def aclose(self) -> None:
+        for src in self._sources:
+            src.close()
+        self._sources.clear()
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> OpenedImage:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _layer_name(position: int, desc: Descriptor) -> str:
+    return f"layer {position} ({desc.digest[:19]})"
+
+
+def parse_oci_ref(text: str) -> tuple[str, str | None]:
+    """``oci:DIR[:TAG]`` → (DIR, TAG or None)."""
+    rest = text[len(OCI_PREFIX) :]
+    tag: str | None = None
+    head, sep, tail = rest.rpartition(":")
+    if sep and tail and "/" not in tail:
+        rest, tag = head, tail
+    if not rest:
+        raise UsageError(f"invalid OCI layout reference {text!r}: expected oci:DIR[:TAG]")
+    return rest, tag
+
+
+def _blob_path(layout: str, digest: str) -> str:
+    algo, hexpart = parse_digest(digest)
+    return os.path.join(layout, "blobs", algo, hexpart)
+
+
+def _read_blob(layout: str, desc: Descriptor, limit: int) -> bytes:
+    path = _blob_path(layout, desc.digest)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise NotFoundError(f"OCI layout {layout}: blob {desc.digest} is missing") from None
+    if len(data) > limit:
+        raise FormatError(f"OCI layout {layout}: blob {desc.digest} is too large")
+    algo, hexpart = parse_digest(desc.digest)
+    actual = hashlib.new(algo, data).hexdigest()
+    if actual != hexpart:
+        from .errors import DigestMismatchError
+
+        raise DigestMismatchError(f"blob {desc.digest}", desc.digest, f"{algo}:{actual}")
+    return data
+
+
+def _open_layout(text: str, platform: Platform | None) -> OpenedImage:
+    layout, tag = parse_oci_ref(text)
+    index_path = os.path.join(layout, "index.json")
+    try:
+        with open(index_path, "rb") as f:
+            raw = f.read(_MAX_MANIFEST_SIZE)
+    except FileNotFoundError:
+        raise NotFoundError(f"{layout}: not an OCI image layout (no index.json)") from None
+    except NotADirectoryError:
+        raise NotFoundError(f"{layout}: not an OCI image layout") from None
+    try:
+        json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"{index_path}: not JSON ({e})") from None
+    top = parse_manifest(raw, None)
+    if not isinstance(top, Index):
+        raise FormatError(f"{index_path}: expected an image index")
+    candidates: Sequence[Descriptor] = top.manifests
+    if tag is not None:
+        candidates = [d for d in top.manifests if d.ref_name == tag]
+        if not candidates:
+            names = sorted({d.ref_name for d in top.manifests if d.ref_name}) or ["none"]
+            raise NotFoundError(f"{layout}: no image tagged {tag!r} (tags: {', '.join(names)})")
+    if len(candidates) != 1:
+        # Several entries (no tag given, or a tag on several): choose by platform.
+        sub = Index(top.media_type, tuple(candidates), top.annotations)
+        desc = select_platform(sub, platform or Platform.host(), text)
+    else:
+        desc = candidates[0]
+    index_digest: str | None = None
+    depth = 0
+    while True:
+        doc = parse_manifest(_read_blob(layout, desc, _MAX_MANIFEST_SIZE), desc.media_type)
+        if isinstance(doc, Manifest):
+            break
+        depth += 1
+        if depth > _MAX_INDEX_DEPTH:
+            raise FormatError(f"{text}: indexes nested more than {_MAX_INDEX_DEPTH} deep")
+        if index_digest is None:
+            index_digest = desc.digest
+        desc = select_platform(doc, platform or Platform.host(), text)
+    config = parse_config(_read_blob(layout, doc.config, MAX_CONFIG_SIZE))
+    return OpenedImage(
+        ref=text,
+        digest=desc.digest,
+        manifest=doc,
+        config=config,
+        index_digest=index_digest,
+        layout_dir=layout,
+    )
+
+
+async def open_image(
+    ref: str,
+    *,
+    platform: Platform | str | None = None,
+    creds: Credentials | None = None,
+    insecure: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_unverified: bool = True,
+) -> OpenedImage:
+    """Resolve ``ref`` (``registry/repo[:tag][@digest]`` or ``oci:DIR[:TAG]``).
+
+    ``creds`` are used for the reference's registry before any credential file. With
+    ``allow_unverified=False``, layers without a TOC digest annotation are refused.
+    ``cache_dir`` is accepted for symmetry with :meth:`OpenedImage.view` (pass it there).
+    """
+    del cache_dir  # the index cache is chosen when the view is built
+    if isinstance(platform, str):
+        platform = Platform.parse(platform)
+    if ref.startswith(OCI_PREFIX):
+        opened = _open_layout(ref, platform)
+    else:
+        from .image import resolve_image
+        from .reference import parse_reference
+        from .registry import RegistryClient
+
+        parsed = parse_reference(ref)
+        explicit = {parsed.registry: creds} if creds is not None else None
+        client = RegistryClient(
+            credentials=explicit, insecure=[parsed.registry] if insecure else ()
+        )
+        try:
+            resolved = await resolve_image(client, parsed, platform)
+        except BaseException:
+            await client.aclose()
+            raise
+        opened = OpenedImage(
+            ref=str(parsed),
+            digest=resolved.digest,
+            manifest=resolved.manifest,
+            config=resolved.config,
+            index_digest=resolved.index_digest,
+            client=client,
+            repo=parsed.repo,
+        )
+    if not allow_unverified:
+        for i, desc in enumerate(opened.layers):
+            if desc.toc_digest is None:
+                await opened.aclose()
+                from .errors import IntegrityError
+
+                raise IntegrityError(
+                    f"{opened.ref}: {_layer_name(i, desc)} has no TOC digest annotation "
+                    "(unverified)"
+                )
+    return opened

@@ -1,0 +1,164 @@
+"""``stargzfs layers/ls/cat/get`` against the fixture image: on a real registry and as a
+local OCI layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stargzfs.cli.image_cmds import mode_string
+from stargzfs.cli.main import main
+
+MERGED = "whiteout-merged.json"
+
+
+@pytest.fixture(params=["registry", "oci"])
+def image_ref(request: pytest.FixtureRequest, oci_layout: Path) -> str:
+    if request.param == "registry":
+        return str(request.getfixturevalue("fixture_image"))
+    return f"oci:{oci_layout}:v1"
+
+
+def _merged(fixtures_dir: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads((fixtures_dir / MERGED).read_text())["entries"]
+    return entries
+
+
+def test_mode_string() -> None:
+    assert mode_string("dir", 0o755) == "drwxr-xr-x"
+    assert mode_string("reg", 0o4755) == "-rwsr-xr-x"
+    assert mode_string("reg", 0o2644) == "-rw-r-Sr--"
+    assert mode_string("dir", 0o1777) == "drwxrwxrwt"
+    assert mode_string("symlink", 0o777) == "lrwxrwxrwx"
+
+
+def test_layers(image_ref: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--json", image_ref]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    layers = doc["layers"]
+    assert [layer["format"] for layer in layers] == ["estargz", "estargz"]
+    assert all(layer["verified"] and layer["lazy"] for layer in layers)
+    assert all(layer["entries"] > 0 for layer in layers)
+    assert doc["manifest_digest"].startswith("sha256:")
+    assert main(["layers", image_ref]) == 0
+    assert capsys.readouterr().out.count("estargz") == 2
+
+
+def test_ls_recursive_matches_fixture(
+    image_ref: str, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ls", "-R", image_ref]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [e["path"] for e in _merged(fixtures_dir)]
+
+
+def test_ls_long_and_json(
+    image_ref: str, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ls", "-l", image_ref, "/usr/bin"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    by_name = {line.split()[-1] if "->" not in line else line.split()[-3]: line for line in lines}
+    assert by_name["su"].startswith("-rwsr-xr-x root")
+    assert by_name["hi"].startswith("lrwxrwxrwx") and by_name["hi"].endswith("hi -> hello")
+    assert main(["ls", "--json", "-R", image_ref]) == 0
+    records = json.loads(capsys.readouterr().out)
+    expected = {e["path"]: e for e in _merged(fixtures_dir)}
+    for rec in records:
+        exp = expected[rec["path"]]
+        assert rec["mode"] == exp["mode"], rec["path"]
+        assert (rec["uid"], rec["gid"]) == (exp["uid"], exp["gid"])
+        if exp["type"] == "reg":
+            assert rec["size"] == exp["size"]
+
+
+def test_cat(image_ref: str, fixtures_dir: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    expected = {e["path"]: e for e in _merged(fixtures_dir)}
+    for path in ("etc/passwd", "/usr/share/doc/sizes/size-4096", "etc/motd/10-welcome"):
+        assert main(["cat", image_ref, path]) == 0
+        data = capfdbinary.readouterr().out
+        assert hashlib.sha256(data).hexdigest() == expected[path.lstrip("/")]["sha256"]
+
+
+def test_get_directory(image_ref: str, fixtures_dir: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    assert main(["get", image_ref, "/", str(dest)]) == 0
+    for e in _merged(fixtures_dir):
+        p = dest / e["path"]
+        if e["type"] in ("char", "block", "fifo"):
+            assert not os.path.lexists(p)
+            continue
+        st = p.lstat()
+        if e["type"] == "symlink":
+            assert stat.S_ISLNK(st.st_mode) and os.readlink(p) == e["linkname"]
+            continue
+        assert stat.S_IMODE(st.st_mode) == e["mode"], e["path"]
+        if e["mtime"] is not None:
+            assert int(st.st_mtime) == e["mtime"], e["path"]
+        if e["type"] in ("reg", "hardlink"):
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == e["sha256"], e["path"]
+        else:
+            assert stat.S_ISDIR(st.st_mode)
+
+
+def test_get_file_into_dir_and_to_file(image_ref: str, tmp_path: Path) -> None:
+    assert main(["get", image_ref, "etc/passwd", str(tmp_path)]) == 0
+    assert (tmp_path / "passwd").stat().st_size > 0
+    assert main(["get", image_ref, "etc/passwd", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy").read_bytes() == (tmp_path / "passwd").read_bytes()
+
+
+def test_get_refuses_dotdot(image_ref: str, tmp_path: Path) -> None:
+    assert main(["get", image_ref, "etc/../etc/passwd", str(tmp_path)]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_path_is_4(image_ref: str, tmp_path: Path) -> None:
+    assert main(["cat", image_ref, "no/such/file"]) == 4
+    assert main(["ls", image_ref, "/nope"]) == 4
+    assert main(["get", image_ref, "/nope", str(tmp_path / "x")]) == 4
+
+
+def test_bad_reference_is_2() -> None:
+    assert main(["ls", "Not A Ref"]) == 2
+    assert main(["layers", "UPPER/case:v1"]) == 2
+
+
+def test_missing_tag_in_layout_is_4(oci_layout: Path) -> None:
+    assert main(["layers", f"oci:{oci_layout}:nope"]) == 4
+
+
+def test_basic_auth_without_creds_is_3(
+    registry_basic: Any, oci_layout: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ref = registry_basic.push_oci(oci_layout, "v1", "cli-image/basic:v1")
+    # No credential files: nothing found.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert main(["layers", ref]) == 3
+
+
+def test_basic_auth_with_creds_stdin(
+    registry_basic: Any,
+    oci_layout: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    ref = registry_basic.push_oci(oci_layout, "v1", "cli-image/basic:v1")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    creds = f"{registry_basic.username}:{registry_basic.password}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(creds))
+    assert main(["ls", "--creds-stdin", ref, "etc"]) == 0
+    assert "passwd" in capsys.readouterr().out.splitlines()
