@@ -1,0 +1,261 @@
+"""``stargzfs push``: OCI layouts, docker-archives and rootfs directories to real registries,
+checked with skopeo; HEAD skips; resumable and interrupted uploads."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from harness import FIXTURE_MANIFEST_DIGEST, Registry, RegistryFactory
+from harness.oci import gzip_layer, make_tar, write_oci_layout
+
+from stargzfs.cli.main import main
+from stargzfs.push.pusher import push_image
+from stargzfs.push.sources import open_source, parse_source
+from stargzfs.push.upload import _range_end
+from stargzfs.reference import parse_reference
+from stargzfs.registry import CredentialResolver, Credentials, RegistryClient
+
+
+def _auth_env(monkeypatch: pytest.MonkeyPatch, reg: Registry) -> None:
+    if reg.authfile is not None:
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(reg.authfile))
+    else:
+        monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+
+
+def _skopeo(reg: Registry, *args: str) -> str:
+    pre = "src-" if args[0] == "copy" else ""
+    auth = [f"--{pre}authfile", str(reg.authfile)] if reg.authfile else [f"--{pre}no-creds"]
+    cmd = ["skopeo", "--insecure-policy", args[0], f"--{pre}tls-verify=false", *auth, *args[1:]]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def _client(reg: Registry, transport: httpx.AsyncBaseTransport | None = None) -> RegistryClient:
+    creds = {}
+    if reg.username is not None and reg.password is not None:
+        creds[reg.host] = Credentials(reg.username, reg.password)
+    return RegistryClient(
+        credentials=CredentialResolver(creds, env={}), registries=[], transport=transport
+    )
+
+
+def _uploads(reg: Registry, digest: str) -> int:
+    """Completed blob uploads of ``digest`` in the registry's access log."""
+    pattern = re.compile(
+        r'"PUT /v2/[^ ]*/blobs/uploads/[^ ]*digest=' + re.escape(digest.replace(":", "%3A"))
+    )
+    text = reg.log_path.read_text(errors="replace")
+    return len(pattern.findall(text))
+
+
+def _big_layout(root: Path, sizes: list[int], seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    layers = [gzip_layer(make_tar({f"f{i}.bin": rng.randbytes(n)})) for i, n in enumerate(sizes)]
+    return write_oci_layout(root, layers)
+
+
+def test_parse_source(tmp_path: Path) -> None:
+    assert parse_source("oci:/x:v1") == ("oci", "/x", "v1")
+    assert parse_source("oci:/x") == ("oci", "/x", None)
+    assert parse_source("docker-archive:/a.tar:n:t") == ("docker-archive", "/a.tar", "n:t")
+    assert parse_source("dir-rootfs:/r") == ("dir-rootfs", "/r", None)
+    f = tmp_path / "a.tar"
+    f.write_bytes(b"")
+    assert parse_source(str(f)) == ("docker-archive", str(f), None)
+    assert _range_end("0-99") == 100
+    assert _range_end("bytes=0-0") == 1
+    assert _range_end(None) is None
+
+
+@pytest.mark.parametrize("kind", ["none", "basic", "token"])
+def test_push_oci_layout(
+    kind: str,
+    request: pytest.FixtureRequest,
+    oci_layout: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = {"none": "registry", "basic": "registry_basic", "token": "registry_token"}[kind]
+    reg: Registry = request.getfixturevalue(name)
+    _auth_env(monkeypatch, reg)
+    ref = reg.ref(f"push-oci/{kind}:v1")
+    assert main(["push", f"oci:{oci_layout}:v1", ref, "--chunk-size", "16k"]) == 0
+    assert capsys.readouterr().out.strip() == FIXTURE_MANIFEST_DIGEST
+    info = json.loads(_skopeo(reg, "inspect", f"docker://{ref}"))
+    assert info["Digest"] == FIXTURE_MANIFEST_DIGEST
+    # Re-push: every blob is found by HEAD and skipped.
+    assert main(["push", f"oci:{oci_layout}:v1", ref]) == 0
+    err = capsys.readouterr().err
+    assert "0 blob(s) uploaded" in err and "3 already present" in err
+
+
+def test_push_docker_archive_round_trip(
+    registry: Registry, oci_layout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "image.tar"
+    subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            f"oci:{oci_layout}:v1",
+            f"docker-archive:{archive}:example/two:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    ref = registry.ref("push-archive/two:v1")
+    assert main(["push", f"docker-archive:{archive}", ref, "-j", "2"]) == 0
+    digest = capsys.readouterr().out.strip()
+    assert digest.startswith("sha256:")
+    # Pull back with skopeo: same config bytes and diff_ids as the source layout.
+    back = tmp_path / "back"
+    _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"oci:{back}:v1")
+    src_config = json.loads(
+        _skopeo(registry, "inspect", "--raw", "--config", f"oci:{oci_layout}:v1")
+    )
+    got_config = json.loads(_skopeo(registry, "inspect", "--raw", "--config", f"oci:{back}:v1"))
+    assert got_config["rootfs"]["diff_ids"] == src_config["rootfs"]["diff_ids"]
+    assert got_config == src_config
+    raw = json.loads(_skopeo(registry, "inspect", "--raw", f"docker://{ref}"))
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    # Same archive again: deterministic compression, so everything is skipped.
+    assert main(["push", str(archive), ref]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == digest
+    assert "0 blob(s) uploaded" in out.err
+
+
+def test_push_rootfs_dir(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hello").write_text("hi\n")
+    (root / "bin").mkdir()
+    (root / "bin" / "link").symlink_to("../etc/hello")
+    ref = registry.ref("push-rootfs/r:v1")
+    assert main(["push", f"dir-rootfs:{root}", ref]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"dir:{out}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    layer = out / manifest["layers"][0]["digest"].split(":")[1]
+    listing = subprocess.run(
+        ["tar", "-tzvf", str(layer)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "etc/hello" in listing and "bin/link -> ../etc/hello" in listing
+
+
+def test_push_mount_from_other_repo(
+    registry: Registry, oci_layout: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = registry.ref("push-mount/src:v1")
+    assert main(["push", f"oci:{oci_layout}:v1", src]) == 0
+    dst = registry.ref("push-mount/dst:v1")
+    assert (
+        main(["push", f"oci:{oci_layout}", dst, "--mount-from", f"{registry.host}/push-mount/src"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "3 mounted" in err
+
+
+class _Interfere(httpx.AsyncBaseTransport):
+    """Forwards to the network. Counting PATCH requests: after ``crash_after`` of them, crash
+    (not retryable); the ``fail_at``-th never reaches the registry (retryable); the
+    ``drop_at``-th is sent but its answer is lost."""
+
+    def __init__(
+        self,
+        *,
+        crash_after: int | None = None,
+        drop_at: int | None = None,
+        fail_at: int | None = None,
+    ) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.patches = 0
+        self.crash_after = crash_after
+        self.drop_at = drop_at
+        self.fail_at = fail_at
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":
+            self.patches += 1
+            if self.crash_after is not None and self.patches > self.crash_after:
+                raise RuntimeError("simulated crash")
+            if self.fail_at is not None and self.patches == self.fail_at:
+                raise httpx.ConnectError("simulated refused connection")
+            if self.drop_at is not None and self.patches == self.drop_at:
+                resp = await self.inner.handle_async_request(request)
+                await resp.aread()
+                raise httpx.ReadError("simulated dropped answer")
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _push(reg: Registry, layout: Path, ref: str, transport: Any = None, **kw: Any) -> Any:
+    async def run() -> Any:
+        with open_source(f"oci:{layout}") as image:
+            async with _client(reg, transport) as client:
+                return await push_image(client, image, parse_reference(ref), **kw)
+
+    return trio.run(run)
+
+
+def test_failed_chunk_resumes_session(registry: Registry, tmp_path: Path) -> None:
+    layout = _big_layout(tmp_path / "l", [600_000], seed=3)
+    ref = registry.ref("push-resume/session:v1")
+    digest, report = _push(
+        registry, layout, ref, _Interfere(fail_at=3), chunk_size=128 * 1024, jobs=1
+    )
+    layer = json.loads(_skopeo(registry, "inspect", "--raw", f"docker://{ref}"))["layers"][0]
+    # The session said where it stood: no byte was sent twice.
+    assert report.results[0].bytes_sent == layer["size"]
+    _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+    assert digest == json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+
+
+def test_lost_chunk_answer_restarts_upload(registry: Registry, tmp_path: Path) -> None:
+    # distribution signs the offset into the session URL: after a lost answer the URL is
+    # stale and the upload starts again (still correct).
+    layout = _big_layout(tmp_path / "l", [600_000], seed=4)
+    ref = registry.ref("push-resume/lost:v1")
+    _push(registry, layout, ref, _Interfere(drop_at=2), chunk_size=128 * 1024, jobs=1)
+    _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+
+
+def test_interrupted_push_rerun_skips_finished_blobs(
+    registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    reg = registry_factory()
+    layout = _big_layout(tmp_path / "l", [700_000, 700_000], seed=5)
+    manifest_digest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    first, second = (d["digest"] for d in manifest["layers"])
+    ref = reg.ref("push/interrupted:v1")
+    # jobs=1: the first layer (6 chunks of 128 KiB) finishes, the second dies mid-upload.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _push(reg, layout, ref, _Interfere(crash_after=8), chunk_size=128 * 1024, jobs=1)
+    assert _uploads(reg, first) == 1 and _uploads(reg, second) == 0
+    digest, report = _push(reg, layout, ref, chunk_size=128 * 1024, jobs=1)
+    assert digest == manifest_digest
+    outcomes = {r.digest: r.outcome for r in report.results}
+    assert outcomes[first] == "exists"
+    assert outcomes[second] == "uploaded"
+    assert _uploads(reg, first) == 1 and _uploads(reg, second) == 1
+    _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
