@@ -162,3 +162,88 @@ def test_basic_auth_with_creds_stdin(
     monkeypatch.setattr("sys.stdin", io.StringIO(creds))
     assert main(["ls", "--creds-stdin", ref, "etc"]) == 0
     assert "passwd" in capsys.readouterr().out.splitlines()
+
+
+def _write_blob(layout: Path, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return f"sha256:{digest}"
+
+
+@pytest.fixture
+def plain_layout(tmp_path: Path, fixtures_dir: Path) -> Path:
+    """A one-layer OCI layout whose layer is a plain tar.gz (no TOC)."""
+    import gzip
+
+    layout = tmp_path / "plain"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    tar = (fixtures_dir / "basic.tar").read_bytes()
+    layer = gzip.compress(tar, mtime=0)
+    config = json.dumps(
+        {
+            "os": "linux",
+            "architecture": "amd64",
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _write_blob(layout, config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": _write_blob(layout, layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": _write_blob(layout, manifest),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "plain"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+    return layout
+
+
+def test_plain_layer_is_not_lazy(plain_layout: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["layers", "--json", f"oci:{plain_layout}"]) == 0
+    (layer,) = json.loads(capsys.readouterr().out)["layers"]
+    assert (layer["format"], layer["lazy"], layer["verified"], layer["entries"]) == (
+        "gzip",
+        False,
+        False,
+        None,
+    )
+    assert main(["ls", f"oci:{plain_layout}:plain"]) == 7
+    assert "not lazy" in capsys.readouterr().err
+
+
+def test_cat_subprocess(oci_layout: Path, fixtures_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "stargzfs", "cat", f"oci:{oci_layout}:v1", "usr/bin/su"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    expected = {e["path"]: e for e in _merged(fixtures_dir)}["usr/bin/su"]["sha256"]
+    assert hashlib.sha256(res.stdout).hexdigest() == expected
