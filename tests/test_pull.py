@@ -23,7 +23,14 @@ from harness import Registry
 from harness.oci import LayerBlob, make_tar, write_oci_layout
 from harness.proxy import RegistryProxy
 
-from stargzfs.errors import DigestMismatchError, FormatError, UnsafePathError, UsageError
+from stargzfs.errors import (
+    DigestMismatchError,
+    FormatError,
+    NotFoundError,
+    UnsafePathError,
+    UsageError,
+)
+from stargzfs.reference import Platform
 from stargzfs.pull.pull import PullOptions, pull
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,3 +379,159 @@ async def test_dest_conflicts(fixture_image: str, tmp_path: Path) -> None:
     empty.mkdir()
     await pull(fixture_image, empty, opts(tmp_path))
     assert (empty / "usr/bin/hello").is_file()
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def skopeo(*args: str) -> str:
+    res = subprocess.run(
+        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+async def test_oci_layout_skopeo_accepts_it(
+    fixture_image: str, oci_layout: Path, registry: Registry, tmp_path: Path
+) -> None:
+    dest = tmp_path / "oci"
+    await pull(fixture_image, dest, opts(tmp_path, format="oci"))
+    index = json.loads((dest / "index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    assert json.loads((dest / "oci-layout").read_text())["imageLayoutVersion"] == "1.0.0"
+    # every blob byte-identical to the source layout's (digests preserved)
+    for blob in (dest / "blobs/sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+        assert blob.read_bytes() == (oci_layout / "blobs/sha256" / blob.name).read_bytes()
+    ours = json.loads(skopeo("inspect", f"oci:{dest}:v1"))
+    theirs = json.loads(skopeo("inspect", f"oci:{oci_layout}:v1"))
+    assert ours["Layers"] == theirs["Layers"] and ours["Digest"] == theirs["Digest"]
+    target = registry.ref("pull/oci-roundtrip:v1")
+    skopeo(
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        f"oci:{dest}:v1",
+        f"docker://{target}",
+    )
+    again = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{target}"))
+    assert again["Digest"] == theirs["Digest"]
+
+
+async def test_docker_archive_skopeo_reads_it(fixture_image: str, tmp_path: Path) -> None:
+    archive = tmp_path / "image.tar"
+    await pull(fixture_image, archive, opts(tmp_path, format="docker-archive"))
+    src_config = json.loads(
+        skopeo("inspect", "--config", "--tls-verify=false", f"docker://{fixture_image}")
+    )
+    out = tmp_path / "from-archive"
+    skopeo("copy", "--quiet", f"docker-archive:{archive}", f"oci:{out}:t")
+    manifest_desc = json.loads((out / "index.json").read_text())["manifests"][0]
+    manifest = json.loads(
+        (out / "blobs/sha256" / manifest_desc["digest"].split(":")[1]).read_text()
+    )
+    config = json.loads(
+        (out / "blobs/sha256" / manifest["config"]["digest"].split(":")[1]).read_text()
+    )
+    assert config["rootfs"]["diff_ids"] == src_config["rootfs"]["diff_ids"]
+    assert config == src_config
+    with tarfile.open(archive) as tar:
+        listing = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert listing[0]["RepoTags"] == [fixture_image]
+    # layers stored uncompressed, named by diff_id
+    assert [f"sha256:{name[:-4]}" for name in listing[0]["Layers"]] == config["rootfs"]["diff_ids"]
+
+
+async def test_dir_layout_matches_skopeo(fixture_image: str, tmp_path: Path) -> None:
+    dest = tmp_path / "dir"
+    await pull(fixture_image, dest, opts(tmp_path, format="dir"))
+    theirs = tmp_path / "skopeo-dir"
+    skopeo(
+        "copy", "--quiet", "--src-tls-verify=false", f"docker://{fixture_image}", f"dir:{theirs}"
+    )
+    assert sorted(os.listdir(dest)) == sorted(os.listdir(theirs))
+    for name in os.listdir(theirs):
+        assert (dest / name).read_bytes() == (theirs / name).read_bytes(), name
+    skopeo("copy", "--quiet", f"dir:{dest}", f"oci:{tmp_path / 'o'}:t")
+
+
+def _index_layout(root: Path) -> Path:
+    """An OCI layout whose tag ``v1`` is an index of linux/amd64 and linux/arm64 images."""
+    blobs = root / "blobs/sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict[str, Any]:
+        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+        return {"digest": sha(data), "size": len(data)}
+
+    entries = []
+    for arch in ("amd64", "arm64"):
+        tar = make_tar({"arch": arch.encode()})
+        lay = layer(tar)
+        config = json.dumps(
+            {
+                "architecture": arch,
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [lay.diff_id]},
+            }
+        ).encode()
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
+                "layers": [{"mediaType": lay.media_type, **put(lay.data)}],
+            }
+        ).encode()
+        entries.append(
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **put(manifest),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries,
+        }
+    ).encode()
+    top = {
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        **put(index),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"},
+    }
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return root
+
+
+async def test_platforms(registry: Registry, tmp_path: Path) -> None:
+    layout = _index_layout(tmp_path / "multi")
+    ref = registry.ref("pull/multi:v1")
+    skopeo(
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        f"oci:{layout}:v1",
+        f"docker://{ref}",
+    )
+    arm = tmp_path / "arm"
+    await pull(ref, arm, opts(tmp_path, platform=Platform.parse("linux/arm64")))
+    assert (arm / "arch").read_bytes() == b"arm64"
+    with pytest.raises(NotFoundError, match="linux/amd64, linux/arm64"):
+        await pull(ref, tmp_path / "s390", opts(tmp_path, platform=Platform.parse("linux/s390x")))
+    dest = tmp_path / "all"
+    await pull(ref, dest, opts(tmp_path, format="oci", all_platforms=True))
+    raw = json.loads(skopeo("inspect", "--raw", f"oci:{dest}:v1"))
+    assert len(raw["manifests"]) == 2
+    skopeo("copy", "--quiet", "--all", f"oci:{dest}:v1", f"oci:{tmp_path / 'copy'}:v1")
+    for blob in (layout / "blobs/sha256").iterdir():
+        assert (dest / "blobs/sha256" / blob.name).read_bytes() == blob.read_bytes()
+    with pytest.raises(UsageError):
+        await pull(ref, tmp_path / "x", opts(tmp_path, all_platforms=True))
