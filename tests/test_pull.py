@@ -30,8 +30,8 @@ from stargzfs.errors import (
     UnsafePathError,
     UsageError,
 )
-from stargzfs.reference import Platform
 from stargzfs.pull.pull import PullOptions, pull
+from stargzfs.reference import Platform
 
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -535,3 +535,94 @@ async def test_platforms(registry: Registry, tmp_path: Path) -> None:
         assert (dest / "blobs/sha256" / blob.name).read_bytes() == blob.read_bytes()
     with pytest.raises(UsageError):
         await pull(ref, tmp_path / "x", opts(tmp_path, all_platforms=True))
+
+
+# --------------------------------------------------------------------------- cache and resume
+
+BIG = os.urandom(6 << 20)
+
+
+@pytest.fixture(scope="module")
+def big_ref(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, LayerBlob]:
+    blob = layer(make_tar({"big.bin": BIG, "small": b"s"}))
+    ref = push(registry, tmp_path_factory.mktemp("big"), "pull/big", [blob])
+    return ref, blob
+
+
+async def test_second_pull_hits_the_cache(
+    big_ref: tuple[str, LayerBlob],
+    registry: Registry,
+    registry_proxy: RegistryProxy,
+    tmp_path: Path,
+) -> None:
+    ref = big_ref[0].replace(registry.host, registry_proxy.host)
+    first = await pull(ref, tmp_path / "a", opts(tmp_path))
+    assert first.stats.cache_hits == 0 and first.stats.bytes_downloaded == big_ref[1].data.__len__()
+    registry_proxy.reset_counters()
+    out = io.StringIO()
+    second = await pull(ref, tmp_path / "b", opts(tmp_path, quiet=False, progress_stream=out))
+    assert second.stats.cache_hits == 1 and second.stats.bytes_downloaded == 0
+    assert second.stats.bytes_saved == len(big_ref[1].data)
+    assert registry_proxy.bytes_sent < 10_000  # manifest and config only
+    assert "cache hits: 1" in out.getvalue() and "bytes saved: 6.0 MiB" in out.getvalue()
+    assert (tmp_path / "b/big.bin").read_bytes() == BIG
+    # --no-cache keeps nothing
+    registry_proxy.reset_counters()
+    await pull(ref, tmp_path / "c", opts(tmp_path, cache_dir=tmp_path / "c2", no_cache=True))
+    assert registry_proxy.bytes_sent >= len(big_ref[1].data)
+    assert not (tmp_path / "c2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+async def test_resume_from_partial(
+    big_ref: tuple[str, LayerBlob],
+    registry: Registry,
+    registry_proxy: RegistryProxy,
+    tmp_path: Path,
+) -> None:
+    ref = big_ref[0].replace(registry.host, registry_proxy.host)
+    blob = big_ref[1]
+    blobs = tmp_path / "cache/blobs/sha256"
+    blobs.mkdir(parents=True)
+    partial = blobs / (blob.digest.split(":")[1] + ".partial")
+    have = len(blob.data) * 2 // 3
+    partial.write_bytes(blob.data[:have])
+    registry_proxy.reset_counters()
+    result = await pull(ref, tmp_path / "out", opts(tmp_path))
+    assert result.stats.bytes_resumed == have
+    assert result.stats.bytes_downloaded == len(blob.data) - have
+    assert registry_proxy.bytes_sent < len(blob.data) - have + 10_000
+    assert any(r for r in registry_proxy.requests if r[2] == f"bytes={have}-")
+    assert (tmp_path / "out/big.bin").read_bytes() == BIG
+    assert not partial.exists() and (blobs / blob.digest.split(":")[1]).exists()
+
+
+async def test_corrupt_partial_is_discarded_then_retried(
+    big_ref: tuple[str, LayerBlob], tmp_path: Path
+) -> None:
+    blob = big_ref[1]
+    blobs = tmp_path / "cache/blobs/sha256"
+    blobs.mkdir(parents=True)
+    partial = blobs / (blob.digest.split(":")[1] + ".partial")
+    partial.write_bytes(b"garbage" * 1000)
+    with pytest.raises(DigestMismatchError):
+        await pull(big_ref[0], tmp_path / "out", opts(tmp_path))
+    assert not partial.exists() and not (tmp_path / "out").exists()
+    await pull(big_ref[0], tmp_path / "out", opts(tmp_path))
+    assert (tmp_path / "out/big.bin").read_bytes() == BIG
+
+
+def test_progress_lines_and_quiet(big_ref: tuple[str, LayerBlob], tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "stargzfs", "pull", big_ref[0], "--no-cache"]
+    res = subprocess.run(
+        [*base, str(tmp_path / "a")], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert any(line.startswith("pulling: 1/1 blobs") for line in lines), lines
+    assert "\r" not in res.stderr and "\x1b" not in res.stderr
+    assert lines[-1].startswith("pulled 1 layer(s)")
+    res = subprocess.run(
+        [*base, "-q", str(tmp_path / "b")], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert res.returncode == 0 and res.stderr == "" and res.stdout == ""

@@ -106,6 +106,14 @@ class BlobDownload:
                     return fd, self.written
                 self._cond.wait(1.0)
 
+    def wait_verified(self, timeout: float | None = None) -> BaseException | None:
+        """Block until the download is verified or failed; returns its error, if any."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self.done or self.error is not None or self.cancelled, timeout
+            )
+            return self.error
+
     def reader(self) -> _FollowReader:
         return _FollowReader(self)
 

@@ -382,6 +382,9 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
         if isinstance(leaf, KeyboardInterrupt):
             return leaf
     for leaf in leaves:
+        if isinstance(leaf, DigestMismatchError):
+            return leaf
+    for leaf in leaves:
         if isinstance(leaf, StargzfsError) and "download cancelled" not in str(leaf):
             return leaf
     for leaf in leaves:
@@ -407,12 +410,21 @@ def _apply_layers(
         for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
             dl = downloads[layer.digest]
             what = f"layer {i} ({layer.digest})"
-            with dl.reader() as raw:
-                stream = open_decompressed(raw, layer.compression or "none", hash_output=True)
-                applier.apply(stream, what)
-                stream.drain()
-                assert stream.hasher is not None
-                actual = "sha256:" + stream.hasher.hexdigest()
+            try:
+                with dl.reader() as raw:
+                    stream = open_decompressed(raw, layer.compression or "none", hash_output=True)
+                    applier.apply(stream, what)
+                    stream.drain()
+                    assert stream.hasher is not None
+                    actual = "sha256:" + stream.hasher.hexdigest()
+            except StargzfsError:
+                # Bytes that fail to parse may be bytes that fail their digest (a corrupt
+                # resume prefix, a tampered stream): let the download finish and report that,
+                # which also discards the bad blob.
+                error = dl.wait_verified()
+                if isinstance(error, DigestMismatchError):
+                    raise error from None
+                raise
             if actual != diff_id:
                 raise DigestMismatchError(
                     f"{what}: uncompressed content (diff_id)", diff_id, actual
