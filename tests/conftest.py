@@ -90,7 +90,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    leaked = sorted(_fuse_mountpoints() - _fuse_mounts_at_start)
+    # Only this session's own mounts (under its temp dir): another pytest run on the same
+    # machine (a developer's, in parallel) may have live mounts of its own.
+    base = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+    leaked = sorted(
+        mp for mp in _fuse_mountpoints() - _fuse_mounts_at_start if mp.startswith(base + os.sep)
+    )
     if not leaked:
         return
     for mnt in leaked:

@@ -1,10 +1,142 @@
-"""Placeholder: this command group's module is being written."""
+"""``stargzfs mount`` and ``stargzfs umount``.
+
+Without ``--foreground`` the command daemonizes the safe way: it re-executes itself in the
+foreground as a detached child with a pipe, and returns only when the child writes "ready"
+(exit 0) or an error (its exit code and message). So a script can use the mount point as
+soon as ``stargzfs mount`` returns, and a failure leaves no mount behind.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 from typing import Any
+
+from ..errors import StargzfsError, UsageError
+
+_READY_FD_ENV = "STARGZFS_READY_FD"
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """No commands yet."""
+    p = sub.add_parser("mount", help="mount an image lazily (read-only FUSE)")
+    p.add_argument("ref", help="image reference, or oci:DIR[:TAG]")
+    p.add_argument("mountpoint")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this host)")
+    p.add_argument("--cache-dir", help="chunk and index cache (default: $XDG_CACHE_HOME/stargzfs)")
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="mount layers without a TOC digest annotation",
+    )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="do not fetch prioritized files in the background after mounting",
+    )
+    p.add_argument(
+        "--record-access",
+        metavar="FILE",
+        help="append each file's path to FILE on its first read (for optimize)",
+    )
+    p.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
+    p.add_argument("--log-file", help="daemon log (default: none when daemonized)")
+    p.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount a stargzfs mount (also after a crash)")
+    u.add_argument("mountpoint")
+    u.set_defaults(func=cmd_umount)
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stargzfs")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.mountpoint):
+        raise UsageError(f"{args.mountpoint}: mount point is not a directory")
+    if args.foreground or os.environ.get(_READY_FD_ENV):
+        import trio
+
+        return int(trio.run(_serve, args))
+    return _daemonize(args)
+
+
+def _daemonize(args: argparse.Namespace) -> int:
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, **{_READY_FD_ENV: str(write_fd)})
+    argv = [sys.executable, "-m", "stargzfs", *args.raw_argv]
+    log = open(args.log_file, "ab") if args.log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        subprocess.Popen(
+            argv,
+            env=env,
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_fd)
+        if log is not subprocess.DEVNULL:
+            log.close()  # type: ignore[union-attr]
+    with os.fdopen(read_fd, "r") as pipe:
+        status = pipe.readline().strip()
+    if status == "ready":
+        return 0
+    code, _, message = status.partition(" ")
+    print(
+        f"stargzfs: error: {message or 'the mount daemon exited before mounting'}", file=sys.stderr
+    )
+    return int(code) if code.isdigit() else 1
+
+
+def _report(text: str) -> None:
+    fd = os.environ.pop(_READY_FD_ENV, None)
+    if fd is not None:
+        with os.fdopen(int(fd), "w") as pipe:
+            pipe.write(text + "\n")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ..cache import ChunkCache
+    from ..fuse.daemon import serve
+    from ..open_image import open_image
+    from ..view import ImageView
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    try:
+        async with await open_image(
+            args.ref, platform=args.platform, allow_unverified=args.allow_unverified
+        ) as opened:
+            layers = (await opened.view(cache_dir=cache_dir)).layers
+            view = ImageView(layers, cache=ChunkCache(cache_dir))
+            await serve(
+                view,
+                args.mountpoint,
+                allow_other=args.allow_other,
+                prefetch=not args.no_prefetch,
+                record_access=args.record_access,
+                ready=lambda: _report("ready"),
+            )
+    except StargzfsError as e:
+        _report(f"{e.exit_code} {e}")
+        raise
+    except BaseException as e:
+        _report(f"1 {type(e).__name__}: {e}")
+        raise
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mnt = os.path.realpath(args.mountpoint)
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    for cmd in ([fusermount, "-u", mnt], [fusermount, "-uz", mnt]):
+        if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
+            return 0
+    raise UsageError(f"{args.mountpoint}: not a stargzfs mount (or it could not be unmounted)")

@@ -175,9 +175,16 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if self._record is not None and node.ino not in self._recorded:
             self._recorded.add(node.ino)
-            path = self.tree.layer_of(node).path_of(node.entry.name_id)
-            self._record.write(path + "\n")
-        return await self.view.read(node, off, size)
+            self._record.write(self._path(node) + "\n")
+        try:
+            return await self.view.read(node, off, size)
+        except StargzfsError as e:
+            # The generic guard logs too, but without the file's name.
+            log.warning("read of /%s at %d failed: %s", self._path(node), off, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    def _path(self, node: Node) -> str:
+        return self.tree.layer_of(node).path_of(node.entry.name_id)
 
     @_guard
     async def release(self, fh: int) -> None:

@@ -1,0 +1,130 @@
+"""`stargzfs mount` / `umount` end to end: real registry, real FUSE, daemonized."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import Registry
+from harness.mount import is_mounted, unmount
+from harness.oci import estargz_layer, make_tar, write_oci_layout
+from layer_helpers import FIXTURES
+from test_fuse_view import check_tree
+
+pytestmark = [pytest.mark.fuse, pytest.mark.registry]
+
+
+def stargzfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stargzfs", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-f", f"stargzfs mount .* {mnt}"], capture_output=True, text=True
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture
+def mnt(tmp_path: Path, fuse_available: None) -> Iterator[Path]:
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        unmount(path)
+        for pid in daemon_pids(path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_mount_merged_image_from_registry(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    log = tmp_path / "daemon.log"
+    result = stargzfs(
+        "mount",
+        fixture_image,
+        str(mnt),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--log-file",
+        str(log),
+    )
+    assert result.returncode == 0, result.stderr
+    assert is_mounted(mnt)
+    ready = time.monotonic() - started
+    exp = json.loads((FIXTURES / "whiteout-merged.json").read_text())
+    check_tree(mnt, exp, dir_nlink=True)
+    stats = stargzfs("stats", str(mnt), "--json")
+    if stats.returncode == 0:  # the stats command may not exist yet
+        assert json.loads(stats.stdout)["layers"]
+    assert stargzfs("umount", str(mnt)).returncode == 0
+    assert not is_mounted(mnt)
+    print(f"mount ready in {ready:.2f} s")
+
+
+def test_failed_mount_exits_nonzero_and_leaves_nothing(
+    registry: Registry, mnt: Path, tmp_path: Path
+) -> None:
+    result = stargzfs(
+        "mount", f"{registry.host}/no/such:image", str(mnt), "--cache-dir", str(tmp_path)
+    )
+    assert result.returncode == 4, result.stderr
+    assert "error" in result.stderr and "Traceback" not in result.stderr
+    assert not is_mounted(mnt)
+    assert stargzfs("mount", "UPPER/Case:bad", str(mnt)).returncode == 2
+
+
+def test_kill_9_then_umount_and_remount(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    assert stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache).returncode == 0
+    (mnt / "etc/passwd").read_bytes()
+    for pid in daemon_pids(mnt):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    # auto_unmount may already have cleaned up; either way umount must leave it clean.
+    stargzfs("umount", str(mnt))
+    assert not is_mounted(mnt)
+    result = stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache)
+    assert result.returncode == 0, result.stderr
+    assert (mnt / "etc/passwd").read_bytes()
+
+
+def test_registry_outage_cached_files_served_cold_files_eio(
+    registry_factory: object, mnt: Path, tmp_path: Path
+) -> None:
+    reg: Registry = registry_factory()  # type: ignore[operator]
+    files = {f"data/f{i}.txt": f"file {i}\n".encode() * 100 for i in range(5)}
+    layout = write_oci_layout(tmp_path / "img", [estargz_layer(make_tar(files))])
+    ref = reg.push_oci(layout, "v1", "outage/test:v1")
+    cache = str(tmp_path / "cache")
+    log = str(tmp_path / "daemon.log")
+    args = ("mount", ref, str(mnt), "--cache-dir", cache, "--no-prefetch", "--log-file", log)
+    assert stargzfs(*args).returncode == 0
+    assert (mnt / "data/f0.txt").read_bytes() == files["data/f0.txt"]
+    reg.stop()
+    try:
+        assert (mnt / "data/f0.txt").read_bytes() == files["data/f0.txt"]  # cached
+        with pytest.raises(OSError) as info:
+            (mnt / "data/f1.txt").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert sorted(os.listdir(mnt / "data")) == sorted(p.split("/")[1] for p in files)
+    finally:
+        reg.start()
+    assert (mnt / "data/f1.txt").read_bytes() == files["data/f1.txt"]  # recovered
+
+
+def test_mount_local_oci_layout(oci_layout: Path, mnt: Path, tmp_path: Path) -> None:
+    result = stargzfs("mount", f"oci:{oci_layout}:v1", str(mnt), "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    exp = json.loads((FIXTURES / "whiteout-merged.json").read_text())
+    check_tree(mnt, exp, dir_nlink=True)
