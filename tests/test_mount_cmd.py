@@ -64,9 +64,14 @@ def test_mount_merged_image_from_registry(fixture_image: str, mnt: Path, tmp_pat
     ready = time.monotonic() - started
     exp = json.loads((FIXTURES / "whiteout-merged.json").read_text())
     check_tree(mnt, exp, dir_nlink=True)
+    (mnt / "usr/lib/libdemo.so.1").read_bytes()
     stats = stargzfs("stats", str(mnt), "--json")
-    if stats.returncode == 0:  # the stats command may not exist yet
-        assert json.loads(stats.stdout)["layers"]
+    assert stats.returncode == 0, stats.stderr
+    layers = json.loads(stats.stdout)["layers"]
+    assert len(layers) == 2 and layers[0]["bytes_fetched"] > 0
+    table = stargzfs("stats", str(mnt))
+    assert "cache:" in table.stdout and table.returncode == 0
+    assert stargzfs("stats", str(tmp_path)).returncode == 2
     assert stargzfs("umount", str(mnt)).returncode == 0
     assert not is_mounted(mnt)
     print(f"mount ready in {ready:.2f} s")

@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--log-file", help="daemon log (default: none when daemonized)")
     p.set_defaults(func=cmd_mount)
 
+    st = sub.add_parser("stats", help="traffic, cache and prefetch figures of a mount")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_stats)
+
     u = sub.add_parser("umount", help="unmount a stargzfs mount (also after a crash)")
     u.add_argument("mountpoint")
     u.set_defaults(func=cmd_umount)
@@ -140,3 +145,34 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
             return 0
     raise UsageError(f"{args.mountpoint}: not a stargzfs mount (or it could not be unmounted)")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        raw = os.getxattr(args.mountpoint, "user.stargzfs.stats")
+    except OSError as e:
+        raise UsageError(f"{args.mountpoint}: not a stargzfs mount ({e.strerror})") from None
+    stats = json.loads(raw)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(
+        f"{'LAYER':<28} {'FORMAT':<13} {'SIZE':>12} {'FETCHED':>12} {'%':>6} {'REQS':>6}  PREFETCH"
+    )
+    for layer in stats["layers"]:
+        fetched = layer["bytes_fetched"]
+        frac = layer["fetched_fraction"]
+        print(
+            f"{layer['name'][:28]:<28} {layer['format']:<13} {layer['size']:>12} "
+            f"{'-' if fetched is None else fetched:>12} "
+            f"{'-' if frac is None else f'{frac * 100:.1f}':>6} "
+            f"{'-' if layer['requests'] is None else layer['requests']:>6}  {layer['prefetch']}"
+        )
+    cache = stats["cache"]
+    print(
+        f"cache: {cache['memory_hits']} memory hits, {cache['disk_hits']} disk hits, "
+        f"{cache['misses']} misses, {cache['stored']} stored, {cache['corrupt']} corrupt"
+    )
+    return 0
