@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_client_options(p)
     p.set_defaults(func=cmd_push)
     _register_convert(sub)
+    _register_manage(sub)
 
 
 def _client(args: argparse.Namespace, *refs: str) -> Any:
@@ -183,4 +184,160 @@ async def cmd_convert(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(digest)
+    return 0
+
+
+def _register_manage(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "copy",
+        help="copy an image between repositories or registries, digests preserved",
+        description=(
+            "Copy SRC to DST (registry references). Manifests are copied byte for byte, so "
+            "digests stay the same; blobs are skipped when present, mounted within one "
+            "registry, and otherwise streamed registry to registry. Without --all-platforms "
+            "an index is copied as the one manifest for this machine (or --platform)."
+        ),
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    plat = p.add_mutually_exclusive_group()
+    plat.add_argument("--platform", metavar="P", help="platform to copy from an index")
+    plat.add_argument(
+        "--all-platforms", action="store_true", help="copy the whole index, every platform"
+    )
+    p.add_argument(
+        "--jobs", "-j", type=_positive, default=3, metavar="N", help="blobs in flight (3)"
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_copy)
+
+    p = sub.add_parser(
+        "delete",
+        help="delete an image (manifest) from a registry",
+        description=(
+            "Resolve REF to its manifest digest and delete that manifest: every tag pointing "
+            "at the same digest goes too. Asks first on a terminal unless --yes. The "
+            "registry frees the space when its garbage collection runs. A registry that "
+            "disallows deletes gives exit code 7."
+        ),
+    )
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete the oldest tags of a repository",
+        description=(
+            "Order REPO's tags by their image config's created time and delete the oldest: "
+            "all but the newest N (--keep) or those older than DAYS (--older-than). A digest "
+            "that a kept tag also points to is never deleted; tags matching --exclude and "
+            "tags without a created time are kept."
+        ),
+    )
+    p.add_argument("repo", metavar="REPO", help="repository, e.g. registry.example/app")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--keep", type=int, metavar="N", help="keep the newest N tags")
+    how.add_argument("--older-than", type=float, metavar="DAYS", help="delete tags older than DAYS")
+    p.add_argument("--exclude", metavar="REGEX", help="never delete tags matching REGEX")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_prune)
+
+
+async def cmd_copy(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..errors import UsageError
+    from ..push.copy import copy_image
+    from ..reference import Platform, parse_reference
+
+    src, dst = parse_reference(args.src), parse_reference(args.dst)
+    if dst.digest is not None and dst.tag is not None:
+        raise UsageError(f"copy to a tag or a digest, not both: {args.dst}")
+    async with _client(args, args.src, args.dst) as client:
+        digest, report = await copy_image(
+            client,
+            src,
+            dst,
+            all_platforms=args.all_platforms,
+            platform=Platform.parse(args.platform) if args.platform else None,
+            jobs=args.jobs,
+            out=None if args.quiet else sys.stderr,
+        )
+    if not args.quiet:
+        print(f"copied {src} to {dst}: {report.summary()}", file=sys.stderr)
+    print(digest)
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    """Ask on a terminal; without one (scripts, CI) there is nobody to ask: proceed."""
+    import sys
+
+    if not sys.stdin.isatty():
+        return True
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    import sys
+
+    import trio
+
+    from ..push.delete import GC_NOTE, delete_digest, resolve_digest
+    from ..reference import parse_reference
+
+    ref = parse_reference(args.ref)
+    async with _client(args, args.ref) as client:
+        digest = await resolve_digest(client, ref)
+        if not args.yes:
+            question = f"delete {ref.repo}@{digest} and every tag pointing at it?"
+            if not await trio.to_thread.run_sync(_confirm, question):
+                print("not deleted", file=sys.stderr)
+                return 1
+        await delete_digest(client, ref.repo, digest)
+    print(f"deleted {ref.repo}@{digest}; {GC_NOTE}", file=sys.stderr)
+    print(digest)
+    return 0
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    import sys
+
+    import trio
+
+    from ..push.delete import GC_NOTE, delete_digest, plan_prune
+    from ..reference import Repository
+
+    repo = Repository.parse(args.repo)
+    async with _client(args, args.repo) as client:
+        plan = await plan_prune(
+            client,
+            repo,
+            keep=args.keep,
+            older_than_days=args.older_than,
+            exclude=args.exclude,
+        )
+        print(plan.render())
+        if args.dry_run or not plan.delete:
+            if args.dry_run:
+                print("dry run: nothing deleted")
+            return 0
+        if not args.yes:
+            question = f"delete {len(plan.digests)} manifest(s) from {repo}?"
+            if not await trio.to_thread.run_sync(_confirm, question):
+                print("nothing deleted", file=sys.stderr)
+                return 1
+        for digest in plan.digests:
+            await delete_digest(client, repo, digest)
+            print(f"deleted {repo}@{digest}")
+    print(f"{len(plan.digests)} manifest(s) deleted; {GC_NOTE}", file=sys.stderr)
     return 0
