@@ -23,6 +23,7 @@ from ..errors import StargzfsError
 # Modules under stargzfs.cli that provide register(subparsers). Order = order in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "image_cmds",
+    "registry_cmds",
     "mount_cmds",
     "pull_cmds",
     "push_cmds",

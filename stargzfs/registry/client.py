@@ -638,6 +638,18 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ listings
 
+    async def check_login(self, registry: str) -> None:
+        """``GET /v2/`` with the credentials for ``registry`` (what ``docker login`` checks):
+        returns if they are accepted, raises :class:`AuthError` if not."""
+        ep = self._endpoints.upstream(Repository(registry, "_"))
+        url = httpx.URL(f"{ep.base_url}/v2/")
+
+        async def attempt() -> None:
+            async with self._open_api(ep, None, (), "GET", url, {}, f"login to {registry}"):
+                pass
+
+        await self._retrying(f"login to {registry}", attempt)
+
     async def _paginate(
         self, ep: Endpoint, repo_path: str | None, scope: str, first: httpx.URL, key: str, what: str
     ) -> list[str]:

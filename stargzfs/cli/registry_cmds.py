@@ -1,0 +1,153 @@
+"""Commands about images and registries, not files: ``inspect``, ``tags``, ``catalog``,
+``login``, ``logout``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from typing import Any
+
+from ..errors import UsageError
+from .image_cmds import _common, _open
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("inspect", help="show an image's manifest, config and layers")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tags", help="list the tags of a repository")
+    p.add_argument("repo", metavar="REPO", help="registry/repository (e.g. ghcr.io/org/app)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_tags)
+
+    p = sub.add_parser("catalog", help="list the repositories of a registry (if it allows)")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_catalog)
+
+    p = sub.add_parser("login", help="check and store credentials for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.add_argument("-u", "--username", help="default: asked on the terminal")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", help="remove stored credentials for a registry")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.set_defaults(func=cmd_logout)
+
+
+async def cmd_inspect(args: argparse.Namespace) -> int:
+    async with await _open(args) as img:
+        layers = []
+        for i in range(len(img.layers)):
+            info = await img.layer_info(i)
+            d = info.descriptor
+            layers.append(
+                {
+                    "digest": d.digest,
+                    "size": d.size,
+                    "media_type": d.media_type,
+                    "format": info.format,
+                    "lazy": info.lazy,
+                    "verified": info.verified,
+                    "annotations": dict(d.annotations),
+                }
+            )
+        cfg = img.config
+        doc: dict[str, Any] = {
+            "ref": img.ref,
+            "digest": img.digest,
+            "index_digest": img.index_digest,
+            "media_type": img.manifest.media_type,
+            "platform": str(cfg.platform),
+            "created": cfg.created,
+            "env": list(cfg.env),
+            "entrypoint": list(cfg.entrypoint) if cfg.entrypoint else None,
+            "cmd": list(cfg.cmd) if cfg.cmd else None,
+            "labels": dict(cfg.labels),
+            "layers": layers,
+        }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"Reference:  {doc['ref']}")
+    print(f"Digest:     {doc['digest']}")
+    if doc["index_digest"]:
+        print(f"Index:      {doc['index_digest']}")
+    print(f"Media type: {doc['media_type']}")
+    print(f"Platform:   {doc['platform']}")
+    print(f"Created:    {doc['created'] or '-'}")
+    print(f"Entrypoint: {doc['entrypoint'] or '-'}")
+    print(f"Cmd:        {doc['cmd'] or '-'}")
+    if cfg.env:
+        print("Env:")
+        for item in cfg.env:
+            print(f"  {item}")
+    if cfg.labels:
+        print("Labels:")
+        for key, value in cfg.labels.items():
+            print(f"  {key}={value}")
+    print("Layers:")
+    for layer in layers:
+        lazy = "lazy" if layer["lazy"] else "not lazy"
+        verified = "verified" if layer["verified"] else "unverified"
+        print(f"  {layer['digest']}  {layer['size']:>10}  {layer['format']} ({lazy}, {verified})")
+    return 0
+
+
+def _client() -> Any:
+    from ..registry import RegistryClient
+
+    return RegistryClient()
+
+
+async def cmd_tags(args: argparse.Namespace) -> int:
+    from ..reference import Repository
+
+    repo = Repository.parse(args.repo)
+    async with _client() as client:
+        tags = await client.list_tags(repo)
+    print(json.dumps(tags, indent=2) if args.json else "\n".join(tags))
+    return 0
+
+
+async def cmd_catalog(args: argparse.Namespace) -> int:
+    async with _client() as client:
+        repos = await client.catalog(args.registry)
+    print(json.dumps(repos, indent=2) if args.json else "\n".join(repos))
+    return 0
+
+
+async def cmd_login(args: argparse.Namespace) -> int:
+    from ..registry import CredentialResolver, Credentials, RegistryClient, store_credentials
+
+    username = args.username or input("Username: ")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise UsageError("no terminal to ask for the password: use --password-stdin")
+    if not username or not password:
+        raise UsageError("login needs a username and a password")
+    creds = Credentials(username, password, source="login")
+    resolver = CredentialResolver({args.registry: creds}, use_files=False)
+    # Check them before storing anything: 401/403 raise AuthError (exit 3).
+    async with RegistryClient(credentials=resolver) as client:
+        await client.check_login(args.registry)
+    where = await store_credentials(args.registry, username, password)
+    print(f"Login succeeded; credentials stored in {where}")
+    return 0
+
+
+async def cmd_logout(args: argparse.Namespace) -> int:
+    from ..registry import erase_credentials
+
+    if await erase_credentials(args.registry):
+        print(f"Removed credentials for {args.registry}")
+        return 0
+    print(f"Not logged in to {args.registry}")
+    return 0

@@ -1,0 +1,85 @@
+"""inspect, tags, catalog, login, logout against real registries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import Registry
+
+pytestmark = pytest.mark.registry
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stargzfs", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_inspect_registry_and_layout(fixture_image: str, oci_layout: Path) -> None:
+    for ref in (fixture_image, f"oci:{oci_layout}:v1"):
+        out = run("inspect", ref, "--json")
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert (
+            doc["digest"]
+            == "sha256:73d2de179c7e746a5848c6899b9a34d5cb7bf3e557e4227dfcebc1ebcfd324b1"
+        )
+        assert doc["platform"].startswith("linux/amd64")
+        assert [layer["format"] for layer in doc["layers"]] == ["estargz", "estargz"]
+        assert all(layer["verified"] for layer in doc["layers"])
+        human = run("inspect", ref)
+        assert "Layers:" in human.stdout and "estargz (lazy, verified)" in human.stdout
+
+
+def test_tags_and_catalog(registry: Registry, oci_layout: Path) -> None:
+    for tag in ("a", "b", "c"):
+        registry.push_oci(oci_layout, "v1", f"tagged/repo:{tag}")
+    out = run("tags", f"{registry.host}/tagged/repo", "--json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(out.stdout)) == ["a", "b", "c"]
+    cat = run("catalog", registry.host)
+    assert "tagged/repo" in cat.stdout.split()
+    assert run("tags", f"{registry.host}/no/such").returncode == 4
+
+
+@pytest.mark.parametrize("kind", ["registry_basic", "registry_token"])
+def test_login_logout(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, oci_layout: Path
+) -> None:
+    reg: Registry = request.getfixturevalue(kind)
+    assert reg.username and reg.password
+    env = {"DOCKER_CONFIG": str(tmp_path), "REGISTRY_AUTH_FILE": str(tmp_path / "none.json")}
+    bad = run("login", reg.host, "-u", reg.username, "--password-stdin", env=env, stdin="wrong\n")
+    assert bad.returncode == 3, bad.stderr
+    assert "wrong" not in bad.stderr and not (tmp_path / "config.json").exists()
+    good = run(
+        "login",
+        reg.host,
+        "-u",
+        reg.username,
+        "--password-stdin",
+        env=env,
+        stdin=reg.password + "\n",
+    )
+    assert good.returncode == 0, good.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert reg.host in config["auths"]
+    assert reg.password not in good.stdout + good.stderr
+    # The stored credentials now work for reading.
+    ref = reg.push_oci(oci_layout, "v1", "login/test:v1")
+    assert run("layers", ref, env=env).returncode == 0
+    assert run("logout", reg.host, env=env).returncode == 0
+    assert reg.host not in json.loads((tmp_path / "config.json").read_text()).get("auths", {})
+    assert run("layers", ref, env=env).returncode == 3
