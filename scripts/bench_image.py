@@ -291,6 +291,15 @@ def build_layer_tars(work: Path, rebuild: bool = False) -> dict[str, Path]:
     return tars
 
 
+def small_app_tar(work: Path) -> Path:
+    """The app layer without the 100 MiB file (for a baseline of the runtime image alone)."""
+    dst = work / "layers" / "app-small.tar"
+    app = build_app(work)
+    if not dst.is_file() or dst.stat().st_mtime < (app / "app" / "main.py").stat().st_mtime:
+        write_tar(app, ["app", "app/main.py"], [], dst)
+    return dst
+
+
 def layer_members(tar_path: Path) -> dict[str, str]:
     """Member name → kind ("reg", "dir", ...) of a layer tar (cached next to it)."""
     cache = tar_path.with_suffix(".members.json")
