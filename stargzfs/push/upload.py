@@ -353,7 +353,11 @@ class Uploader:
             await budget.wait(failure)
             self.client.stats.retries += 1
             try:
+                before = offset
                 offset, location = await self._session_offset(ep, path, scopes, location, what)
+                # A chunk that was stored although its answer was an error still counts.
+                sent += max(0, offset - before)
+                self.uploaded_bytes += max(0, offset - before)
             except (NotFoundError, RegistryError) as e:
                 # distribution keeps the session state in the Location's signed `_state`:
                 # after a chunk whose answer was lost, the URL we hold is stale. Start over.
