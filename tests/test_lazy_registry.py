@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,48 @@ async def test_blob_redirects_to_storage_without_credentials(
 def test_layout_helper_round_trip(tmp_path: Path) -> None:
     layout = write_oci_layout(tmp_path, [estargz_layer(make_tar({"a": b"x"}))])
     assert (layout / "index.json").is_file()
+
+
+def cat(ref: str, path: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "stargzfs", "cat", ref, path], capture_output=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "fault", ["none", "ranges", "multirange", "429", "503", "drop", "redirect"]
+)
+def test_cat_command_through_faults(
+    big_image: str, registry_proxy: RegistryProxy, fault: str
+) -> None:
+    ref = f"{registry_proxy.host}/{big_image}"
+    if fault == "ranges":
+        registry_proxy.ranges = "ignore"
+    elif fault == "multirange":
+        registry_proxy.multirange = "refuse"
+    elif fault in ("429", "503"):
+        registry_proxy.fail_next(int(fault), count=2, retry_after="0" if fault == "429" else None)
+    elif fault == "drop":
+        registry_proxy.drop_next(count=1, after=2000)
+    elif fault == "redirect":
+        registry_proxy.redirect_blobs = True
+    out = cat(ref, "opt/big.bin")
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(BIG).digest()
+    small = cat(ref, "etc/small-2.conf")
+    assert small.stdout == SMALL["etc/small-2.conf"]
+
+
+def test_cat_fetches_only_what_it_needs(big_image: str, registry_proxy: RegistryProxy) -> None:
+    out = cat(f"{registry_proxy.host}/{big_image}", "etc/small-7.conf")
+    assert out.stdout == SMALL["etc/small-7.conf"]
+    # TOC tail read + the file's chunk: a small fraction of the 12 MiB layer.
+    assert registry_proxy.bytes_sent < len(BIG) * 0.1
+
+
+@pytest.mark.slow  # the outage case spends the whole retry budget (~12 s)
+def test_cat_exit_codes(big_image: str, registry_proxy: RegistryProxy) -> None:
+    assert cat(f"{registry_proxy.host}/{big_image}", "etc/nope").returncode == 4
+    registry_proxy.down = True
+    out = cat(f"{registry_proxy.host}/{big_image}", "etc/small-1.conf")
+    assert out.returncode == 5 and b"Traceback" not in out.stderr
