@@ -79,25 +79,29 @@ async def run_blob_jobs(
 ) -> PushReport:
     """Run ``jobs`` with at most ``parallel`` in flight; the first failure cancels the rest."""
     report = report or PushReport()
-    limiter = trio.CapacityLimiter(max(1, parallel))
+    todo: list[BlobJob] = []
     seen: set[str] = set()
+    for job in jobs:
+        if job.digest not in seen:
+            seen.add(job.digest)
+            todo.append(job)
+    queue = iter(todo)  # workers take jobs in order: the first ones start first
 
-    async def one(job: BlobJob) -> None:
-        async with limiter:
+    async def worker() -> None:
+        for job in queue:
             result = await uploader.push_blob(
                 repo, job.digest, job.size, job.source, mount_from=job.mount_from
             )
-        report.results.append(result)
-        if out is not None:
-            print(f"{result.outcome:>8}  {job.digest}  ({job.size} bytes)", file=out, flush=True)
+            report.results.append(result)
+            if out is not None:
+                print(
+                    f"{result.outcome:>8}  {job.digest}  ({job.size} bytes)", file=out, flush=True
+                )
 
     try:
         async with trio.open_nursery() as nursery:
-            for job in jobs:
-                if job.digest in seen:
-                    continue
-                seen.add(job.digest)
-                nursery.start_soon(one, job)
+            for _ in range(min(max(1, parallel), len(todo))):
+                nursery.start_soon(worker)
     except BaseExceptionGroup as group:
         raise _first_error(group) from None
     return report
