@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import FormatError, NotFoundError, NotLazyError, UsageError
+from .errors import FormatError, IntegrityError, NotFoundError, NotLazyError, UsageError
 from .image import (
     MAX_CONFIG_SIZE,
     Descriptor,
@@ -28,7 +31,10 @@ from .image import (
 from .reference import Platform, parse_digest
 from .source import ByteSource, FileSource
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from .cache import ChunkCache
     from .registry import Credentials, RegistryClient
     from .view import ImageView
 
@@ -63,6 +69,8 @@ class OpenedImage:
     layout_dir: str | None = None
     repo: Any = None  # registry Repository, when from a registry
     _sources: list[FileSource] = field(default_factory=list, repr=False)
+    allow_unverified: bool = True
+    _scratch: str | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> tuple[Descriptor, ...]:
@@ -101,9 +109,14 @@ class OpenedImage:
             index.close()
         return LayerInfo(desc, fmt.value, fmt.lazy, desc.toc_digest is not None, entries)
 
-    async def view(self, cache_dir: str | os.PathLike[str] | None = None) -> ImageView:
-        """The merged filesystem. Raises :class:`NotLazyError` if a layer has no TOC."""
+    async def view(
+        self, cache_dir: str | os.PathLike[str] | None = None, *, cache: ChunkCache | None = None
+    ) -> ImageView:
+        """The merged filesystem. Plain gzip/zstd/tar layers (no TOC) are fetched whole,
+        verified and kept as a local tar in ``cache_dir`` (a temporary directory without one),
+        with a warning: they work, but not lazily."""
         from .index import load_index
+        from .index.plain_layer import open_plain_layer
         from .view import ImageView, LayerView
 
         layers = []
@@ -118,18 +131,33 @@ class OpenedImage:
                     blob_digest=desc.digest,
                     what=name,
                 )
+                if desc.toc_digest is None and not self.allow_unverified:
+                    index.close()
+                    raise IntegrityError(
+                        f"{self.ref}: {name} has no TOC digest annotation, so its chunks "
+                        "cannot be verified (use --allow-unverified to mount it anyway)"
+                    )
             except NotLazyError as e:
-                raise NotLazyError(
-                    f"{self.ref}: {e}; only eStargz and zstd:chunked images can be read "
-                    "without pulling (convert it first)"
-                ) from None
+                # The blob digest vouches for a plain layer: it is verified as it downloads.
+                log.warning("%s: %s; fetching it whole", self.ref, e)
+                tar_dir = cache_dir if cache_dir is not None else self._scratch_dir()
+                source, index = await open_plain_layer(source, desc.digest, tar_dir, name)
+                self._sources.append(source)
             layers.append(LayerView(source, index, name))
-        return ImageView(layers)
+        return ImageView(layers, cache=cache)
+
+    def _scratch_dir(self) -> str:
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="stargzfs-")
+        return self._scratch
 
     async def aclose(self) -> None:
         for src in self._sources:
             src.close()
         self._sources.clear()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
         if self.client is not None:
             await self.client.aclose()
 
@@ -275,14 +303,5 @@ async def open_image(
             client=client,
             repo=parsed.repo,
         )
-    if not allow_unverified:
-        for i, desc in enumerate(opened.layers):
-            if desc.toc_digest is None:
-                await opened.aclose()
-                from .errors import IntegrityError
-
-                raise IntegrityError(
-                    f"{opened.ref}: {_layer_name(i, desc)} has no TOC digest annotation "
-                    "(unverified)"
-                )
+    opened.allow_unverified = allow_unverified
     return opened

@@ -221,7 +221,12 @@ def plain_layout(tmp_path: Path, fixtures_dir: Path) -> Path:
     return layout
 
 
-def test_plain_layer_is_not_lazy(plain_layout: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plain_layer_is_not_lazy_but_readable(
+    plain_layout: Path,
+    fixtures_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert main(["layers", "--json", f"oci:{plain_layout}"]) == 0
     (layer,) = json.loads(capsys.readouterr().out)["layers"]
     assert (layer["format"], layer["lazy"], layer["verified"], layer["entries"]) == (
@@ -230,8 +235,15 @@ def test_plain_layer_is_not_lazy(plain_layout: Path, capsys: pytest.CaptureFixtu
         False,
         None,
     )
-    assert main(["ls", f"oci:{plain_layout}:plain"]) == 7
-    assert "not lazy" in capsys.readouterr().err
+    # Not lazy, but it still works: fetched whole, verified, indexed from its tar headers.
+    assert main(["ls", "-R", f"oci:{plain_layout}:plain"]) == 0
+    captured = capsys.readouterr()
+    assert "usr/bin/su" in captured.out
+    assert "not lazy" in caplog.text  # the user is told (a warning on stderr)
+    assert main(["cat", f"oci:{plain_layout}:plain", "etc/passwd"]) == 0
+    exp = {e["path"]: e for e in json.loads((fixtures_dir / "basic.json").read_text())["entries"]}
+    out = capsys.readouterr().out.encode()
+    assert hashlib.sha256(out).hexdigest() == exp["etc/passwd"]["sha256"]
 
 
 def test_cat_subprocess(oci_layout: Path, fixtures_dir: Path) -> None:

@@ -112,15 +112,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from ..cache import ChunkCache
     from ..fuse.daemon import serve
     from ..open_image import open_image
-    from ..view import ImageView
 
     cache_dir = args.cache_dir or default_cache_dir()
     try:
         async with await open_image(
             args.ref, platform=args.platform, allow_unverified=args.allow_unverified
         ) as opened:
-            layers = (await opened.view(cache_dir=cache_dir)).layers
-            view = ImageView(layers, cache=ChunkCache(cache_dir))
+            view = await opened.view(cache_dir=cache_dir, cache=ChunkCache(cache_dir))
             await serve(
                 view,
                 args.mountpoint,
