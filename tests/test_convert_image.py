@@ -248,3 +248,42 @@ def test_convert_index_all_platforms_and_one(
     raw = json.loads(_skopeo(registry, "inspect", "--raw", f"docker://{one}"))
     assert raw["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert TOC in raw["layers"][0]["annotations"]
+
+
+def test_convert_docker_archive_to_zstdchunked(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import zstandard
+
+    archive = tmp_path / "image.tar"
+    layout = _layout(tmp_path / "src")
+    subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            f"oci:{layout}:v1",
+            f"docker-archive:{archive}:example/plain:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dst = registry.ref("convert/zstd:v1")
+    assert main(["convert", f"docker-archive:{archive}", dst, "--zstdchunked"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    manifest, config = _fetch(registry, dst, out)
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    for desc, files in zip(manifest["layers"], [LAYER1, LAYER2], strict=True):
+        assert desc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+        assert TOC in desc["annotations"]
+        blob = (out / desc["digest"].split(":")[1]).read_bytes()
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(blob), read_across_frames=True
+        )
+        raw = reader.read()
+        contents = {n: d for n, d in _entries(raw) if n not in RESERVED}
+        assert contents == files
+        assert _sha(raw) in config["rootfs"]["diff_ids"]

@@ -166,18 +166,26 @@ def test_push_rootfs_dir(
     assert "etc/hello" in listing and "bin/link -> ../etc/hello" in listing
 
 
+@pytest.mark.parametrize("kind", ["none", "token"])
 def test_push_mount_from_other_repo(
-    registry: Registry, oci_layout: Path, capsys: pytest.CaptureFixture[str]
+    kind: str,
+    request: pytest.FixtureRequest,
+    oci_layout: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = registry.ref("push-mount/src:v1")
+    reg: Registry = request.getfixturevalue("registry" if kind == "none" else "registry_token")
+    _auth_env(monkeypatch, reg)
+    src = reg.ref("push-mount/src:v1")
     assert main(["push", f"oci:{oci_layout}:v1", src]) == 0
-    dst = registry.ref("push-mount/dst:v1")
-    assert (
-        main(["push", f"oci:{oci_layout}", dst, "--mount-from", f"{registry.host}/push-mount/src"])
-        == 0
-    )
+    dst = reg.ref("push-mount/dst:v1")
+    from_repo = f"{reg.host}/push-mount/src"
+    assert main(["push", f"oci:{oci_layout}", dst, "--mount-from", from_repo]) == 0
     err = capsys.readouterr().err
     assert "3 mounted" in err
+    assert json.loads(_skopeo(reg, "inspect", f"docker://{dst}"))["Digest"] == (
+        FIXTURE_MANIFEST_DIGEST
+    )
 
 
 class _Interfere(httpx.AsyncBaseTransport):

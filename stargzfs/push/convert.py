@@ -41,8 +41,10 @@ from ..image import (
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
     MAX_CONFIG_SIZE,
+    OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
+    OCI_MANIFEST,
     TOC_DIGEST,
     Descriptor,
     Index,
@@ -426,10 +428,18 @@ class _Converter:
         await self.dest.put_blob(_sha256(new_config), len(new_config), cfg_tmp, None)
         raw["config"] = dict(raw["config"], digest=_sha256(new_config), size=len(new_config))
         raw["layers"] = layers
+        media_type = doc.media_type
+        if self.opts.layer_format != "estargz" and media_type == DOCKER_MANIFEST:
+            # zstd layers have no Docker schema 2 media type: the image becomes OCI.
+            media_type = raw["mediaType"] = OCI_MANIFEST
+            raw["config"]["mediaType"] = OCI_CONFIG
+            for layer in layers:
+                if layer["mediaType"] == DOCKER_LAYER_GZIP:
+                    layer["mediaType"] = OCI_LAYER_GZIP
         new_data = json.dumps(raw, indent=2).encode()
-        digest = await self.dest.put_manifest(new_data, doc.media_type, tag)
+        digest = await self.dest.put_manifest(new_data, media_type, tag)
         self.report.manifests.append(digest)
-        return new_data, doc.media_type
+        return new_data, media_type
 
 
 def _descriptor_dict(desc: Descriptor) -> dict[str, Any]:

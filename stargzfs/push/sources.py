@@ -307,7 +307,7 @@ def _member(tar: tarfile.TarFile, name: str, archive: str) -> tarfile.TarInfo:
     seen = 0
     while True:
         try:
-            info = tar.getmember(name.lstrip("./") if name.startswith("./") else name)
+            info = tar.getmember(name.removeprefix("./"))
         except KeyError:
             raise FormatError(f"{archive}: member {name!r} is missing") from None
         if info.isfile():
