@@ -97,6 +97,11 @@ class ChunkReader:
             await event.wait()  # someone else fetched it: look in the cache again
         event = self._inflight[key] = trio.Event()
         try:
+            # A fetch may have completed while our cache lookup ran in its thread: it stored
+            # the chunk before leaving _inflight, so memory has it now.
+            data = self.cache.get_memory(chunk.digest)
+            if data is not None:
+                return data
             self.fetches += 1
             data = await read_chunk(self.source, self.index, chunk, what)
             await trio.to_thread.run_sync(self.cache.put, chunk.digest, data)

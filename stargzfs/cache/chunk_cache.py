@@ -44,6 +44,11 @@ class ChunkCache:
         hexd = digest.hex()
         return os.path.join(self.directory, hexd[:2], hexd)
 
+    def get_memory(self, digest: bytes) -> bytes | None:
+        """The memory tier only: never blocks, safe on the event loop."""
+        with self._lock:
+            return self._memory.get(digest)
+
     def get(self, digest: bytes) -> bytes | None:
         with self._lock:
             data = self._memory.get(digest)
