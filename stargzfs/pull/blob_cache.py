@@ -74,6 +74,8 @@ class BlobCache:
     def commit(self, digest: str, partial: Path) -> Path:
         """Give a verified ``partial`` its final name (atomic)."""
         final = self.path(digest)
+        with contextlib.suppress(OSError):
+            os.chmod(partial, 0o444)  # blobs may be hardlinked into layouts: discourage writes
         os.replace(partial, final)
         return final
 

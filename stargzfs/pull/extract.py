@@ -17,16 +17,24 @@ creating children doesn't disturb it and a read-only directory doesn't block its
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import functools
 import io
 import logging
 import os
+import queue
 import shutil
 import stat
+import subprocess
+import sys
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from ..errors import FormatError, UnsafePathError
@@ -43,6 +51,28 @@ _XATTR_PREFIXES = ("SCHILY.xattr.",)
 
 
 # --------------------------------------------------------------------------- decompression
+
+
+@functools.lru_cache(maxsize=1)
+def gzip_backend() -> tuple[str, Any, tuple[type[Exception], ...]]:
+    """The fastest inflater installed: ``isal`` (ISA-L, ~2.5x zlib), ``zlib-ng``, else
+    ``zlib``. ``STARGZFS_GZIP=zlib|isal|zlib-ng`` forces one (benchmarks)."""
+    wanted = os.environ.get("STARGZFS_GZIP", "")
+    if wanted in ("", "isal"):
+        try:
+            from isal import isal_zlib
+
+            return "isal", isal_zlib, (isal_zlib.error, zlib.error)  # type: ignore[return-value]
+        except ImportError:
+            pass
+    if wanted in ("", "zlib-ng", "isal"):
+        try:
+            from zlib_ng import zlib_ng
+
+            return "zlib-ng", zlib_ng, (zlib_ng.error, zlib.error)  # type: ignore[return-value]
+        except ImportError:
+            pass
+    return "zlib", zlib, (zlib.error,)
 
 
 class Decompressor(io.RawIOBase):
@@ -72,7 +102,8 @@ class Decompressor(io.RawIOBase):
                 raw, read_size=1 << 20, read_across_frames=True, closefd=False
             )
         elif compression == "gzip":
-            self._z = zlib.decompressobj(wbits=31)
+            self._gz = gzip_backend()[1]
+            self._z = self._gz.decompressobj(31)
         self._member_started = False
 
     def readable(self) -> bool:
@@ -121,7 +152,7 @@ class Decompressor(io.RawIOBase):
             data = z.decompress(raw, max(want, 1 << 20))
         while z.eof:
             rest = z.unused_data
-            self._z = z = zlib.decompressobj(wbits=31)
+            self._z = z = self._gz.decompressobj(31)
             self._member_started = bool(rest)
             if not rest:
                 break
@@ -140,9 +171,9 @@ class Decompressor(io.RawIOBase):
         if len(self._buf) - self._off < n:
             try:
                 self._fill(n)
-            except zlib.error as e:
-                raise FormatError(f"corrupt gzip data: {e}") from None
             except Exception as e:
+                if isinstance(e, gzip_backend()[2]):
+                    raise FormatError(f"corrupt gzip data: {e}") from None
                 if type(e).__module__.startswith("zstandard") or "zstd" in type(e).__name__:
                     raise FormatError(f"corrupt zstd data: {e}") from None
                 raise
@@ -165,10 +196,193 @@ class Decompressor(io.RawIOBase):
             pass
 
 
+class ThreadedDecompressor(io.RawIOBase):
+    """A :class:`Decompressor` run ahead in its own thread (decompression and hashing release
+    the GIL, so they overlap the consumer's tar parsing and file writes on another core)."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, inner: Decompressor, depth: int = 32) -> None:
+        super().__init__()
+        self.inner = inner
+        self.hasher = inner.hasher
+        self._q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._off = 0
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="decompress", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self.inner.read(self._CHUNK)
+                if not data:
+                    break
+                if not self._put(data):
+                    return
+            self._put(None)
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            chunks: list[bytes] = []
+            while chunk := self.read(self._CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        if self._off >= len(self._buf):
+            if self._eof:
+                return b""
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                return b""
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            self._buf, self._off = item, 0
+        off = self._off
+        if off == 0 and n >= len(self._buf):
+            self._off = len(self._buf)
+            return self._buf
+        data = self._buf[off : off + n]
+        self._off = off + len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(self._CHUNK):
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+
+class _Digest:
+    def __init__(self, digest: str) -> None:
+        self._hex = digest.removeprefix("sha256:")
+
+    def hexdigest(self) -> str:
+        return self._hex
+
+
+class ProcessDecompressor(io.RawIOBase):
+    """Decompression (and hashing) in a child process (``stargzfs.pull._inflate``), fed by a
+    thread: a core of its own, no GIL shared with the tar extraction."""
+
+    def __init__(self, raw: Any, compression: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self.hasher: _Digest | None = None
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "stargzfs.pull._inflate", compression],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        for pipe in (self._proc.stdout, self._proc.stdin):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+        self._feed_error: BaseException | None = None
+        self._eof = False
+        self._feeder = threading.Thread(target=self._feed, name="feed", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            while data := self._raw.read(1 << 20):
+                stdin.write(data)
+        except BrokenPipeError:
+            pass
+        except BaseException as e:
+            self._feed_error = e
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._eof:
+            return b""
+        stdout = self._proc.stdout
+        assert stdout is not None
+        data = stdout.read() if n is None or n < 0 else stdout.read(n)
+        if data:
+            return bytes(data)
+        self._finish()
+        return b""
+
+    def _finish(self) -> None:
+        self._eof = True
+        self._feeder.join()
+        assert self._proc.stderr is not None
+        err = self._proc.stderr.read().decode(errors="replace").strip()
+        rc = self._proc.wait()
+        if self._feed_error is not None:
+            raise self._feed_error
+        if rc != 0 or not err.startswith("sha256:"):
+            raise FormatError(err.removeprefix("error: ") or f"decompressor exited with {rc}")
+        self.hasher = _Digest(err.splitlines()[-1])
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for pipe in (self._proc.stdout, self._proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        super().close()
+
+
 def open_decompressed(
-    raw: IO[bytes] | Any, compression: Literal["none", "gzip", "zstd"], *, hash_output: bool
-) -> Decompressor:
-    return Decompressor(raw, compression, hash_output=hash_output)
+    raw: IO[bytes] | Any,
+    compression: Literal["none", "gzip", "zstd"],
+    *,
+    hash_output: bool,
+    threaded: bool = False,
+    process: bool = False,
+) -> Decompressor | ThreadedDecompressor | ProcessDecompressor:
+    """A decompressed stream of ``raw``; ``process``: decompress and hash in a child process
+    (best for big compressed layers), ``threaded``: in a thread of this process."""
+    if process and compression != "none":
+        return ProcessDecompressor(raw, compression)
+    inner = Decompressor(raw, compression, hash_output=hash_output)
+    return ThreadedDecompressor(inner) if threaded else inner
 
 
 # --------------------------------------------------------------------------- applying

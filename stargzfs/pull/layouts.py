@@ -50,7 +50,13 @@ def _hex(digest: str) -> str:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    if not dst.exists():
+    """A blob from the cache: a hardlink when possible (cache files are read-only and the
+    content is addressed by its digest), else a copy."""
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
         shutil.copyfile(src, dst)
 
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 Format = Literal["rootfs", "oci", "docker-archive", "dir"]
 FORMATS: tuple[str, ...] = ("rootfs", "oci", "docker-archive", "dir")
 _MAX_CONFIG = 8 * 1024 * 1024
+# Compressed layers at least this big are decompressed in a child process (its own core).
+_PROCESS_INFLATE_MIN = 2 * 1024 * 1024
 
 
 @dataclass
@@ -412,9 +414,17 @@ def _apply_layers(
             what = f"layer {i} ({layer.digest})"
             try:
                 with dl.reader() as raw:
-                    stream = open_decompressed(raw, layer.compression or "none", hash_output=True)
-                    applier.apply(stream, what)
-                    stream.drain()
+                    stream = open_decompressed(
+                        raw,
+                        layer.compression or "none",
+                        hash_output=True,
+                        process=layer.size >= _PROCESS_INFLATE_MIN,
+                    )
+                    try:
+                        applier.apply(stream, what)
+                        stream.drain()
+                    finally:
+                        stream.close()
                     assert stream.hasher is not None
                     actual = "sha256:" + stream.hasher.hexdigest()
             except StargzfsError:
