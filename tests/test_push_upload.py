@@ -234,3 +234,25 @@ def test_manifest_put_and_delete() -> None:
     fake = UploadFake(allow_delete=False)
     with pytest.raises(UnsupportedError, match="deletes are off"):
         _run(fake, lambda u: u.delete_manifest(REPO, digest))
+
+
+def test_progress_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from stargzfs.push.pusher import ProgressLine
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    clock = iter([10.0, 10.1, 11.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    line = ProgressLine(out, 4 * 1048576)
+    line("sha256:a", 1048576)
+    line("sha256:a", 2 * 1048576)  # within half a second: not printed
+    line("sha256:b", 1048576)
+    line.finish()
+    text = out.getvalue()
+    assert "\r  uploading 1.0 / 4.0 MiB" in text and "\r  uploading 3.0 / 4.0 MiB" in text
+    assert "2.0 / 4.0" not in text and text.endswith("\r\033[K")

@@ -20,7 +20,7 @@ from ..registry import RegistryClient
 from .sources import LocalImage
 from .upload import DEFAULT_CHUNK_SIZE, BlobResult, ChunkSource, Uploader
 
-__all__ = ["BlobJob", "PushReport", "push_image", "run_blob_jobs"]
+__all__ = ["BlobJob", "ProgressLine", "PushReport", "push_image", "run_blob_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,36 @@ class PushReport:
         )
 
 
+class ProgressLine:
+    """Bytes accepted so far across blobs, rewritten in place on a terminal (2 per second)."""
+
+    def __init__(self, out: TextIO, total: int) -> None:
+        self.out = out
+        self.total = total
+        self.done: dict[str, int] = {}
+        self._last = 0.0
+
+    def __call__(self, digest: str, offset: int) -> None:
+        import time
+
+        self.done[digest] = offset
+        now = time.monotonic()
+        if now - self._last < 0.5:
+            return
+        self._last = now
+        sent = sum(self.done.values())
+        print(
+            f"\r  uploading {sent / 1048576:.1f} / {self.total / 1048576:.1f} MiB",
+            end="",
+            file=self.out,
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        if self._last:
+            print("\r\033[K", end="", file=self.out, flush=True)
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     for e in group.exceptions:
         if isinstance(e, BaseExceptionGroup):
@@ -94,9 +124,9 @@ async def run_blob_jobs(
             )
             report.results.append(result)
             if out is not None:
-                print(
-                    f"{result.outcome:>8}  {job.digest}  ({job.size} bytes)", file=out, flush=True
-                )
+                clear = "\r\033[K" if out.isatty() else ""  # over a progress line
+                line = f"{clear}{result.outcome:>8}  {job.digest}  ({job.size} bytes)"
+                print(line, file=out, flush=True)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -120,6 +150,10 @@ async def push_image(
 ) -> tuple[str, PushReport]:
     """Push ``image`` to ``dest``; returns (digest of the top manifest, report)."""
     uploader = Uploader(client, chunk_size=chunk_size)
+    line: ProgressLine | None = None
+    if out is not None and out.isatty():
+        line = ProgressLine(out, sum(b.size for b in image.blobs.values()))
+        uploader.progress = line
     if uploader_hook is not None:
         await uploader_hook(uploader)
     layers: list[BlobJob] = []
@@ -131,8 +165,12 @@ async def push_image(
                 layers.append(BlobJob(blob.digest, blob.size, blob.chunks(), mount_from))
         cfg = image.blobs[m.doc.config.digest]
         configs.append(BlobJob(cfg.digest, cfg.size, cfg.chunks(), mount_from))
-    report = await run_blob_jobs(uploader, dest.repo, layers, parallel=jobs, out=out)
-    await run_blob_jobs(uploader, dest.repo, configs, parallel=jobs, report=report, out=out)
+    try:
+        report = await run_blob_jobs(uploader, dest.repo, layers, parallel=jobs, out=out)
+        await run_blob_jobs(uploader, dest.repo, configs, parallel=jobs, report=report, out=out)
+    finally:
+        if line is not None:
+            line.finish()
     if len(image.manifests) > 1 or image.manifests[0].data != image.top_data:
         for m in image.manifests:
             await uploader.put_manifest(dest.with_digest(m.digest), m.data, m.media_type)
