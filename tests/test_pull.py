@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -626,3 +627,65 @@ def test_progress_lines_and_quiet(big_ref: tuple[str, LayerBlob], tmp_path: Path
         [*base, "-q", str(tmp_path / "b")], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert res.returncode == 0 and res.stderr == "" and res.stdout == ""
+
+
+async def test_segmented_download(
+    registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path
+) -> None:
+    data = os.urandom(18 << 20)
+    blob = layer(make_tar({"seg.bin": data}), "none")
+    ref = push(registry, tmp_path, "pull/segmented", [blob]).replace(
+        registry.host, registry_proxy.host
+    )
+    registry_proxy.reset_counters()
+    await pull(ref, tmp_path / "out", opts(tmp_path, connections=4))
+    assert (tmp_path / "out/seg.bin").read_bytes() == data
+    ranges = [r[2] for r in registry_proxy.requests if r[2] and blob.digest in r[1]]
+    assert len(ranges) >= 4 and len(set(ranges)) == len(ranges)
+    assert registry_proxy.bytes_sent < len(blob.data) + 10_000
+
+
+def test_killed_pull_resumes(
+    registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path
+) -> None:
+    """SIGKILL mid-download (connections cut every 1 MiB make it slow), then run again: the
+    second run asks only for the rest."""
+    data = os.urandom(8 << 20)
+    blob = layer(make_tar({"k.bin": data}), "none")
+    ref = push(registry, tmp_path, "pull/killed", [blob]).replace(
+        registry.host, registry_proxy.host
+    )
+    partial = tmp_path / "cache/blobs/sha256" / (blob.digest.split(":")[1] + ".partial")
+    cmd = [
+        sys.executable,
+        "-m",
+        "stargzfs",
+        "pull",
+        ref,
+        "-q",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    registry_proxy.drop_next(count=1000, after=1 << 20)
+    proc = subprocess.Popen([*cmd, str(tmp_path / "a")], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if partial.exists() and partial.stat().st_size >= 1 << 20:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the download never started")
+    finally:
+        proc.kill()
+        proc.wait()
+    have = partial.stat().st_size
+    assert 0 < have < len(blob.data)
+    assert not (tmp_path / "a").exists()  # the killed run left only its hidden staging dir
+    registry_proxy.drop_next(count=0)
+    registry_proxy.reset_counters()
+    res = subprocess.run([*cmd, str(tmp_path / "b")], cwd=REPO, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "b/k.bin").read_bytes() == data
+    assert registry_proxy.bytes_sent <= len(blob.data) - have + 10_000
+    assert any(r[2] == f"bytes={have}-" for r in registry_proxy.requests)

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="parallel connections per blob (accepted; currently one stream per blob)",
+        help="parallel range requests per large blob (segmented download; default 1)",
     )
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--cache-dir", metavar="D", help="blob cache (default ~/.cache/stargzfs)")

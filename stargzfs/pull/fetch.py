@@ -34,6 +34,11 @@ __all__ = ["BlobDownload", "FetchStats", "fetch_blob"]
 
 _HASH_BLOCK = 4 * 1024 * 1024
 _WRITE_BATCH = 1024 * 1024
+# Segmented downloads (--connections): blobs with at least this much left, in pieces of
+# _SEGMENT bytes, at most _WINDOW pieces per connection ahead of the last one written.
+_SEGMENTED_MIN = 16 * 1024 * 1024
+_SEGMENT = 4 * 1024 * 1024
+_WINDOW = 2
 
 
 @dataclass
@@ -175,6 +180,7 @@ async def fetch_blob(
     cache: BlobCache,
     stats: FetchStats,
     progress: Progress | None = None,
+    connections: int = 1,
 ) -> Path:
     """Make the blob ``dl`` describes complete and verified in ``cache``; returns its path.
 
@@ -182,7 +188,7 @@ async def fetch_blob(
     discarded and :class:`DigestMismatchError` raised (and handed to readers).
     """
     try:
-        return await _fetch(client, repo, dl, cache, stats, progress)
+        return await _fetch(client, repo, dl, cache, stats, progress, connections)
     except BaseException as e:
         dl.fail(e if isinstance(e, StargzfsError) else StargzfsError(f"{dl.what}: {e!r}"))
         raise
@@ -195,6 +201,7 @@ async def _fetch(
     cache: BlobCache,
     stats: FetchStats,
     progress: Progress | None,
+    connections: int,
 ) -> Path:
     cached = cache.lookup(dl.digest, dl.size)
     if cached is not None:
@@ -223,6 +230,10 @@ async def _fetch(
         if progress is not None:
             progress.start(dl.digest, dl.size, have)
         pos = have
+        if connections > 1 and dl.size - pos >= _SEGMENTED_MIN:
+            pos = await _fetch_segments(
+                client, repo, dl, fd, hasher, pos, connections, stats, progress
+            )
         if pos < dl.size:
             pending: list[bytes] = []
             pending_len = 0
@@ -271,3 +282,70 @@ async def _fetch(
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+async def _fetch_segments(
+    client: RegistryClient,
+    repo: Repository,
+    dl: BlobDownload,
+    fd: int,
+    hasher: hashlib._Hash,
+    start: int,
+    connections: int,
+    stats: FetchStats,
+    progress: Progress | None,
+) -> int:
+    """Fetch ``[start, size)`` as parallel range requests of ``_SEGMENT`` bytes, written to
+    the partial file **in order** (so it is always a valid prefix to resume from, whatever
+    kills the process); returns the new end of the prefix."""
+    offsets = list(range(start, dl.size, _SEGMENT))
+    done: dict[int, bytes] = {}
+    next_write = 0  # index into offsets
+    next_take = 0
+    changed = trio.Condition()
+    pos = start
+
+    async def worker() -> None:
+        nonlocal next_take
+        while True:
+            async with changed:
+                while next_take < len(offsets) and next_take >= next_write + _WINDOW * connections:
+                    await changed.wait()
+                if next_take >= len(offsets):
+                    return
+                i = next_take
+                next_take += 1
+            offset = offsets[i]
+            length = min(_SEGMENT, dl.size - offset)
+            data = await client.get_blob_range(repo, dl.digest, offset, length)
+            stats.bytes_downloaded += len(data)
+            if progress is not None:
+                progress.advance(dl.digest, len(data))
+            async with changed:
+                done[i] = data
+                changed.notify_all()
+
+    async def writer() -> None:
+        nonlocal next_write, pos
+        while next_write < len(offsets):
+            async with changed:
+                while next_write not in done:
+                    await changed.wait()
+                data = done.pop(next_write)
+
+            def write(data: bytes = data, at: int = pos) -> None:
+                hasher.update(data)
+                os.pwrite(fd, data, at)
+
+            await trio.to_thread.run_sync(write)
+            pos += len(data)
+            dl.advance(pos)
+            async with changed:
+                next_write += 1
+                changed.notify_all()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        for _ in range(min(connections, len(offsets))):
+            nursery.start_soon(worker)
+    return pos

@@ -322,7 +322,7 @@ async def _download_and_build(
 
     async def one(dl: BlobDownload) -> None:
         async with limiter:
-            await fetch_blob(client, ref.repo, dl, cache, stats, progress)
+            await fetch_blob(client, ref.repo, dl, cache, stats, progress, opts.connections)
 
     async def ticker() -> None:
         while True:
