@@ -682,10 +682,14 @@ def test_killed_pull_resumes(
     have = partial.stat().st_size
     assert 0 < have < len(blob.data)
     assert not (tmp_path / "a").exists()  # the killed run left only its hidden staging dir
+    assert list(tmp_path.glob(".a.stargzfs-stage-*"))
     registry_proxy.drop_next(count=0)
     registry_proxy.reset_counters()
     res = subprocess.run([*cmd, str(tmp_path / "b")], cwd=REPO, capture_output=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "b/k.bin").read_bytes() == data
+    # a later pull to the killed run's DEST removes its stale staging
+    subprocess.run([*cmd, str(tmp_path / "a")], cwd=REPO, check=True, timeout=60)
+    assert not list(tmp_path.glob(".a.stargzfs-*"))
     assert registry_proxy.bytes_sent <= len(blob.data) - have + 10_000
     assert any(r[2] == f"bytes={have}-" for r in registry_proxy.requests)

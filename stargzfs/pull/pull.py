@@ -117,6 +117,35 @@ def _check_dest(dest: Path, fmt: Format, force: bool) -> None:
         raise UsageError(f"{dest.parent} does not exist")
 
 
+def _temp_prefix(dest: Path, kind: str) -> str:
+    """Hidden siblings of DEST: ``.NAME.stargzfs-KIND-PID-``."""
+    return f".{dest.name}.stargzfs-{kind}-{os.getpid()}-"
+
+
+def _remove_stale(dest: Path) -> None:
+    """Remove what pulls to DEST killed before they could clean up left (their pid is gone)."""
+    prefix = f".{dest.name}.stargzfs-"
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(dest.parent):
+            if not entry.name.startswith(prefix):
+                continue
+            parts = entry.name[len(prefix) :].split("-")
+            if len(parts) < 3 or not parts[1].isdigit():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 def _install(staging: Path, dest: Path) -> None:
     """Rename ``staging`` to ``dest``, replacing what's there (checked by _check_dest)."""
     trash: Path | None = None
@@ -124,7 +153,7 @@ def _install(staging: Path, dest: Path) -> None:
         if dest.is_dir() and not dest.is_symlink() and not any(os.scandir(dest)):
             dest.rmdir()
         else:
-            trash = dest.with_name(f".{dest.name}.stargzfs-old-{os.getpid()}")
+            trash = dest.with_name(_temp_prefix(dest, "old") + "x")
             os.rename(dest, trash)
     os.rename(staging, dest)
     if trash is not None:
@@ -188,6 +217,7 @@ async def pull(
         raise UsageError("--jobs and --connections must be at least 1")
     ref = parse_reference(ref_text)
     _check_dest(dest, opts.format, opts.force)
+    _remove_stale(dest)
     if client is None:
         from ..registry.client import RegistryClient
 
@@ -209,7 +239,7 @@ async def _pull(
     stats = FetchStats()
     temp_cache: Path | None = None
     if opts.no_cache:
-        temp_cache = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.blobs-"))
+        temp_cache = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest, "blobs")))
         cache = BlobCache(temp_cache)
     else:
         cache = BlobCache(opts.cache_dir or default_cache_dir())
@@ -223,11 +253,11 @@ async def _pull(
     staging: Path | None = None
     try:
         if opts.format == "docker-archive":
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.stargzfs-")
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=_temp_prefix(dest, "stage"))
             os.close(fd)
             staging = Path(name)
         else:
-            staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.stargzfs-"))
+            staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest, "stage")))
         result = PullResult(dest, [img.digest for img in images], len(downloads), stats, 0.0)
         await _download_and_build(
             client, ref, images, downloads, cache, stats, progress, staging, opts, result
