@@ -104,6 +104,7 @@ def test_kill_9_then_umount_and_remount(fixture_image: str, mnt: Path, tmp_path:
     assert (mnt / "etc/passwd").read_bytes()
 
 
+@pytest.mark.slow  # spends the retry budget on each cold read (~2 x 12 s)
 def test_registry_outage_cached_files_served_cold_files_eio(
     registry_factory: object, mnt: Path, tmp_path: Path
 ) -> None:
