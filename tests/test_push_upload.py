@@ -256,3 +256,32 @@ def test_progress_line_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     text = out.getvalue()
     assert "\r  uploading 1.0 / 4.0 MiB" in text and "\r  uploading 3.0 / 4.0 MiB" in text
     assert "2.0 / 4.0" not in text and text.endswith("\r\033[K")
+
+
+def test_memory_bounded_by_chunk_size() -> None:
+    """Chunk bodies are released as soon as their request is done, even with the cyclic GC
+    off (httpx keeps responses in reference cycles)."""
+    import gc
+    import tracemalloc
+
+    big = random.Random(9).randbytes(8 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(big).hexdigest()
+
+    def discard(request: httpx.Request, n: int) -> httpx.Response | None:
+        if request.method == "PATCH":
+            return httpx.Response(202, headers={"Location": "/v2/team/app/blobs/uploads/s0"})
+        if request.method == "PUT":
+            return httpx.Response(201)
+        return None
+
+    fake = UploadFake(before=discard)
+    gc.disable()
+    tracemalloc.start()
+    try:
+        _run(fake, lambda u: u.push_blob(REPO, digest, len(big), _source(big, 65536)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert sum(size for method, _, size in fake.log if method == "PATCH") == len(big)
+    assert peak < 3 * 256 * 1024 + 1024 * 1024, peak

@@ -156,6 +156,10 @@ class Uploader:
                     send["Authorization"] = authorization
                 request = c._http.build_request(method, url, headers=send, content=content)
                 response = await c._http.send(request, follow_redirects=False)
+                # httpx ties a response and its stream in a reference cycle that lives until
+                # the cyclic GC runs, and the request (with its chunk body) with it. The body
+                # is read: break the cycle so memory stays bounded by the chunk size.
+                response.stream = httpx.ByteStream(response.content)
                 c.stats.requests += 1
                 log.debug("%s %s → %d", method, url.copy_with(query=None), response.status_code)
                 if (
