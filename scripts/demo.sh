@@ -4,8 +4,9 @@
 #   1. start Debian's docker-registry (distribution 2.8) on a free 127.0.0.1 port, temp storage
 #   2. push ../shared/fixtures/oci-image (tag v1) with skopeo, keeping every digest
 #   3. read the manifest back over HTTP and check its digest
-#   4. (later issues) mount the image lazily with stargzfs and look inside
-#   5. stop the registry and delete its data (always, on any exit)
+#   4. look inside without pulling: stargzfs layers / ls / cat
+#   5. mount the image lazily with stargzfs, list it, copy a file out, show what was fetched
+#   6. unmount, stop the registry and delete its data (always, on any exit)
 #
 # Needs docker-registry, skopeo, curl, python3: `make demo` installs them first.
 # Override the fixture location with STARGZFS_FIXTURES=/path/to/fixtures.
@@ -21,6 +22,9 @@ oci_accept='application/vnd.oci.image.manifest.v1+json'
 say() { printf '\n== %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
+stargzfs=${STARGZFS:-$repo_root/.venv/bin/stargzfs}
+[ -x "$stargzfs" ] || die "$stargzfs not found: run make test (or make venv) first"
+
 for tool in docker-registry skopeo curl python3 sha256sum; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool not found: run scripts/install-system-deps.sh (or make demo)"
 done
@@ -28,7 +32,9 @@ done
 workdir=$(mktemp -d "${TMPDIR:-/tmp}/stargzfs-demo.XXXXXX")
 registry_pid=""
 cleanup() {
-  # --- [later: mount] unmount the demo mount here first (fusermount3 -u "$workdir/mnt") ---
+  if [ -d "$workdir/mnt" ] && grep -qs " $workdir/mnt " /proc/mounts; then
+    "$stargzfs" umount "$workdir/mnt" && echo "   unmounted"
+  fi
   if [ -n "$registry_pid" ] && kill -0 "$registry_pid" 2>/dev/null; then
     kill "$registry_pid" 2>/dev/null || true
     wait "$registry_pid" 2>/dev/null || true
@@ -102,9 +108,26 @@ for layer in manifest["layers"]:
     print(f"     {layer['digest'][:19]}...  {layer['size']:>6} B  eStargz TOC {toc[:19]}...")
 EOF
 
-# -- 4. mount (later) ------------------------------------------------------------------------------
-# --- [later: mount] `stargzfs mount $host/$image_repo:$tag "$workdir/mnt"` in the background,
-#     wait for the mount, list a few files, cat one, show fetch statistics. ---
-say "4. mounting with stargzfs: not implemented yet (stargzfs --help shows what exists)"
+# -- 4. look inside without pulling ----------------------------------------------------------------
+ref=$host/$image_repo:$tag
+say "4. stargzfs layers $ref"
+"$stargzfs" layers "$ref"
+say "   stargzfs ls -l $ref /usr/bin"
+"$stargzfs" ls -l "$ref" /usr/bin
+say "   stargzfs cat $ref /etc/passwd"
+"$stargzfs" cat "$ref" /etc/passwd
+
+# -- 5. mount --------------------------------------------------------------------------------------
+mkdir -p "$workdir/mnt" "$workdir/out"
+say "5. stargzfs mount $ref $workdir/mnt"
+"$stargzfs" mount "$ref" "$workdir/mnt" --cache-dir "$workdir/cache"
+echo "   mounted; find $workdir/mnt | head:"
+(cd "$workdir/mnt" && find . | sort | head -15 | sed 's/^/     /')
+cp "$workdir/mnt/usr/lib/libdemo.so.1" "$workdir/out/"
+echo "   copied usr/lib/libdemo.so.1 out: $(sha256sum "$workdir/out/libdemo.so.1" | cut -c1-16)..."
+say "   stargzfs stats $workdir/mnt"
+"$stargzfs" stats "$workdir/mnt"
+"$stargzfs" umount "$workdir/mnt"
+echo "   unmounted"
 
 say "done: the registry stops and its data is deleted now"

@@ -29,7 +29,7 @@ from .image import (
     select_platform,
 )
 from .reference import Platform, parse_digest
-from .source import ByteSource, FileSource
+from .source import ByteSource, FileSource, TailCachedSource
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class OpenedImage:
         if self.client is not None:
             from .registry import RegistryBlobSource
 
-            return RegistryBlobSource(self.client, self.repo, desc.digest, desc.size)
+            return TailCachedSource(
+                RegistryBlobSource(self.client, self.repo, desc.digest, desc.size)
+            )
         assert self.layout_dir is not None
         src = FileSource(_blob_path(self.layout_dir, desc.digest))
         self._sources.append(src)

@@ -14,7 +14,7 @@ import trio
 
 from .errors import FormatError
 
-__all__ = ["ByteSource", "BytesSource", "FileSource", "check_range"]
+__all__ = ["ByteSource", "BytesSource", "FileSource", "TailCachedSource", "check_range"]
 
 
 @runtime_checkable
@@ -90,3 +90,33 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TailCachedSource:
+    """Keeps the blob's tail once it has been read (opening a lazy layer reads its last few
+    hundred KiB for the footer and TOC) and serves later reads inside it from memory. For
+    small layers that is the whole blob: after the TOC, no chunk read costs a request."""
+
+    def __init__(self, inner: ByteSource, max_tail: int = 1 << 20) -> None:
+        self.inner = inner
+        self.max_tail = max_tail
+        self._tail_start = inner.size
+        self._tail = b""
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def stats(self) -> object:
+        return getattr(self.inner, "stats", None)
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        if offset >= self._tail_start:
+            check_range(self.inner.size, offset, length)
+            start = offset - self._tail_start
+            return self._tail[start : start + length]
+        data = await self.inner.read_at(offset, length)
+        if offset + length == self.inner.size and length <= self.max_tail:
+            self._tail_start, self._tail = offset, data
+        return data

@@ -152,7 +152,7 @@ def _node_record(view: ImageView, path: str, node: Node) -> dict[str, Any]:
         "gid": e.gid,
         "uname": index.uname(e.uid),
         "gname": index.gname(e.gid),
-        "size": e.size if e.kind == "reg" else 0,
+        "size": e.size if e.kind in ("reg", "symlink") else 0,
         "mtime": None if e.mtime_ns is None else e.mtime_ns // 1_000_000_000,
         "layer": node.layer,
     }
