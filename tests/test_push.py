@@ -25,6 +25,12 @@ from stargzfs.reference import parse_reference
 from stargzfs.registry import CredentialResolver, Credentials, RegistryClient
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upload sessions are remembered under $XDG_CACHE_HOME: keep them per test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def _auth_env(monkeypatch: pytest.MonkeyPatch, reg: Registry) -> None:
     if reg.authfile is not None:
         monkeypatch.setenv("REGISTRY_AUTH_FILE", str(reg.authfile))
@@ -202,6 +208,7 @@ class _Interfere(httpx.AsyncBaseTransport):
     ) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.patches = 0
+        self.patch_bytes = 0
         self.crash_after = crash_after
         self.drop_at = drop_at
         self.fail_at = fail_at
@@ -209,6 +216,7 @@ class _Interfere(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.method == "PATCH":
             self.patches += 1
+            self.patch_bytes += len(request.content)
             if self.crash_after is not None and self.patches > self.crash_after:
                 raise RuntimeError("simulated crash")
             if self.fail_at is not None and self.patches == self.fail_at:
@@ -277,4 +285,48 @@ def test_interrupted_push_rerun_skips_finished_blobs(
     assert outcomes[done] == "exists"
     assert outcomes[rest] == "uploaded"
     assert _uploads(reg, done) == 1 and _uploads(reg, rest) == 1
+    _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+
+
+def test_interrupted_blob_resumes_its_session(
+    registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    """With a state directory, a blob cut off midway continues where the registry stands."""
+    reg = registry_factory()
+    layout = _big_layout(tmp_path / "l", [1_000_000], seed=6)
+    state = str(tmp_path / "state")
+    ref = reg.ref("push/resume-blob:v1")
+    chunk = 128 * 1024
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _push(reg, layout, ref, _Interfere(crash_after=4), chunk_size=chunk, state_dir=state)
+    assert len(list(Path(state).iterdir())) == 1
+    t = _Interfere()
+    digest, report = _push(reg, layout, ref, t, chunk_size=chunk, state_dir=state)
+    size = report.results[0].size
+    # Four chunks were in the registry already: only the rest went up again.
+    assert t.patch_bytes == size - 4 * chunk
+    assert report.results[0].bytes_sent == size - 4 * chunk
+    assert list(Path(state).iterdir()) == []
+    _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+    assert digest == json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+
+
+def test_stale_remembered_session_starts_over(
+    registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    reg = registry_factory()
+    layout = _big_layout(tmp_path / "l", [600_000], seed=7)
+    state = tmp_path / "state"
+    ref = reg.ref("push/stale:v1")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _push(
+            reg, layout, ref, _Interfere(crash_after=2), chunk_size=128 * 1024, state_dir=str(state)
+        )
+    (saved,) = state.iterdir()
+    doc = json.loads(saved.read_text())
+    doc["location"] = doc["location"].replace("/uploads/", "/uploads/0000")
+    saved.write_text(json.dumps(doc))
+    t = _Interfere()
+    _, report = _push(reg, layout, ref, t, chunk_size=128 * 1024, state_dir=str(state))
+    assert t.patch_bytes == report.results[0].size
     _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")

@@ -57,6 +57,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="REPO",
         help="a repository of the same registry that may hold the blobs (mounted, not sent)",
     )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="do not remember upload sessions (by default a re-run resumes a blob that was "
+        "cut off midway; sessions are kept in $XDG_CACHE_HOME/stargzfs/uploads)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
     _add_client_options(p)
     p.set_defaults(func=cmd_push)
@@ -87,7 +93,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
     import trio
 
     from ..errors import UsageError
-    from ..push.pusher import push_image
+    from ..push.pusher import default_state_dir, push_image
     from ..push.sources import open_source
     from ..reference import Repository, parse_reference
 
@@ -106,6 +112,7 @@ async def cmd_push(args: argparse.Namespace) -> int:
                 chunk_size=args.chunk_size,
                 out=None if args.quiet else sys.stderr,
                 mount_from=mount_from,
+                state_dir=None if args.no_resume else default_state_dir(),
             )
     if not args.quiet:
         print(f"pushed {dest}: {report.summary()}", file=sys.stderr)

@@ -9,7 +9,6 @@ finish.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
@@ -147,9 +146,14 @@ async def push_image(
     out: TextIO | None = None,
     mount_from: Repository | None = None,
     uploader_hook: Callable[[Uploader], Awaitable[None]] | None = None,
+    state_dir: str | None = None,
 ) -> tuple[str, PushReport]:
-    """Push ``image`` to ``dest``; returns (digest of the top manifest, report)."""
-    uploader = Uploader(client, chunk_size=chunk_size)
+    """Push ``image`` to ``dest``; returns (digest of the top manifest, report).
+
+    With ``state_dir``, chunked upload sessions are remembered there, and a later push of the
+    same blobs resumes them (see :class:`Uploader`).
+    """
+    uploader = Uploader(client, chunk_size=chunk_size, state_dir=state_dir)
     line: ProgressLine | None = None
     if out is not None and out.isatty():
         line = ProgressLine(out, sum(b.size for b in image.blobs.values()))
@@ -179,5 +183,9 @@ async def push_image(
     return digest, report
 
 
-def default_out() -> TextIO:
-    return sys.stderr
+def default_state_dir() -> str:
+    """``$XDG_CACHE_HOME/stargzfs/uploads`` (default ``~/.cache/stargzfs/uploads``)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "stargzfs", "uploads")

@@ -107,6 +107,9 @@ class Uploader:
 
     :param chunk_size: bytes per ``PATCH``; blobs no larger go up in one ``PUT``.
     :param progress: called with ``(digest, bytes_sent_so_far)`` as chunks are accepted.
+    :param state_dir: where chunked upload sessions are remembered (location and offset after
+        each accepted chunk), so that a later process pushing the same blob to the same
+        repository resumes the session instead of starting over; ``None``: not remembered.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class Uploader:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         progress: Callable[[str, int], None] | None = None,
+        state_dir: str | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise StargzfsError(f"upload chunk size must be positive, not {chunk_size}")
@@ -123,6 +127,8 @@ class Uploader:
         self.progress = progress
         self.uploaded_bytes = 0
         self.restarts = 0
+        self.state_dir = state_dir
+        self.resumed = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -240,6 +246,15 @@ class Uploader:
                 return BlobResult(digest, size, "mounted")
             location = self._location(resp, what)
         else:
+            resumed = None
+            if size > self.chunk_size:
+                resumed = await self._resume_saved(ep, path, scopes, digest, size, what)
+            if resumed is not None:
+                offset, location = resumed
+                sent = await self._put_chunked(
+                    ep, path, scopes, location, digest, size, source, what, offset
+                )
+                return BlobResult(digest, size, "uploaded", sent)
             location = await self._new_session(ep, path, scopes, what)
         if size <= self.chunk_size:
             sent = await self._put_monolithic(
@@ -248,6 +263,74 @@ class Uploader:
         else:
             sent = await self._put_chunked(ep, path, scopes, location, digest, size, source, what)
         return BlobResult(digest, size, "uploaded", sent)
+
+    # ------------------------------------------------------------------ remembered sessions
+
+    def _state_path(self, ep: Endpoint, path: str, digest: str) -> str | None:
+        if self.state_dir is None:
+            return None
+        import os
+
+        key = hashlib.sha256(f"{ep.base_url}/{path}@{digest}".encode()).hexdigest()
+        return os.path.join(self.state_dir, key + ".json")
+
+    def _save_state(
+        self, ep: Endpoint, path: str, digest: str, location: httpx.URL, offset: int
+    ) -> None:
+        file = self._state_path(ep, path, digest)
+        if file is None:
+            return
+        import json
+        import os
+
+        try:
+            os.makedirs(self.state_dir or ".", mode=0o700, exist_ok=True)
+            tmp = f"{file}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"location": str(location), "offset": offset}, f)
+            os.replace(tmp, file)
+        except OSError as e:
+            log.debug("cannot remember the upload session of %s: %s", digest, e)
+
+    def _drop_state(self, ep: Endpoint, path: str, digest: str) -> None:
+        file = self._state_path(ep, path, digest)
+        if file is not None:
+            import contextlib
+            import os
+
+            with contextlib.suppress(OSError):
+                os.unlink(file)
+
+    async def _resume_saved(
+        self, ep: Endpoint, path: str, scopes: tuple[str, ...], digest: str, size: int, what: str
+    ) -> tuple[int, httpx.URL] | None:
+        """A remembered session that the registry still knows: (its offset, its URL)."""
+        file = self._state_path(ep, path, digest)
+        if file is None:
+            return None
+        import json
+
+        try:
+            with open(file) as f:
+                saved = json.load(f)
+            location = httpx.URL(str(saved["location"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not _same_origin(location, httpx.URL(ep.base_url)):
+            return None
+        try:
+            offset, location = await self._session_offset(ep, path, scopes, location, what)
+        except StargzfsError as e:
+            log.info("%s: remembered session is gone (%s)", what, e)
+            self._drop_state(ep, path, digest)
+            return None
+        if offset > size:
+            self._drop_state(ep, path, digest)
+            return None
+        log.info("%s: resuming a previous session at byte %d", what, offset)
+        self.resumed += 1
+        return offset, location
 
     async def _new_session(
         self, ep: Endpoint, path: str, scopes: tuple[str, ...], what: str
@@ -312,12 +395,12 @@ class Uploader:
         size: int,
         source: ChunkSource,
         what: str,
+        offset: int = 0,
     ) -> int:
         import trio
 
         from ..registry.retry import RetryBudget
 
-        offset = 0
         sent = 0
         budget = RetryBudget(self.client._retry, what, self.client._rng)
         while offset < size:
@@ -333,6 +416,7 @@ class Uploader:
                             )
                             del buf[: len(piece)]
                             offset += len(piece)
+                            self._save_state(ep, path, digest, location, offset)
                             sent += len(piece)
                             self.uploaded_bytes += len(piece)
                             budget.reset()
@@ -384,6 +468,7 @@ class Uploader:
             content=b"",
             ok=(201, 204),
         )
+        self._drop_state(ep, path, digest)
         return sent
 
     async def _patch(
