@@ -289,26 +289,36 @@ class ProcessDecompressor(io.RawIOBase):
     """Decompression (and hashing) in a child process (``stargzfs.pull._inflate``), fed by a
     thread: a core of its own, no GIL shared with the tar extraction."""
 
-    def __init__(self, raw: Any, compression: str) -> None:
+    def __init__(self, raw: Any, compression: str, source_path: str | None = None) -> None:
+        """``source_path``: the complete compressed file, which the child then reads itself
+        (no feeding thread, two copies fewer); otherwise ``raw`` is fed through a pipe."""
         super().__init__()
         self._raw = raw
         self.hasher: _Digest | None = None
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "stargzfs.pull._inflate", compression],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-            cwd=str(Path(__file__).resolve().parents[2]),
-        )
-        assert self._proc.stdout is not None and self._proc.stdin is not None
+        source = open(source_path, "rb") if source_path is not None else None  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "stargzfs.pull._inflate", compression],
+                stdin=source if source is not None else subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                cwd=str(Path(__file__).resolve().parents[2]),
+            )
+        finally:
+            if source is not None:
+                source.close()
+        assert self._proc.stdout is not None
         for pipe in (self._proc.stdout, self._proc.stdin):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(pipe.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(pipe.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
         self._feed_error: BaseException | None = None
         self._eof = False
-        self._feeder = threading.Thread(target=self._feed, name="feed", daemon=True)
-        self._feeder.start()
+        self._feeder: threading.Thread | None = None
+        if self._proc.stdin is not None:
+            self._feeder = threading.Thread(target=self._feed, name="feed", daemon=True)
+            self._feeder.start()
 
     def _feed(self) -> None:
         stdin = self._proc.stdin
@@ -340,7 +350,8 @@ class ProcessDecompressor(io.RawIOBase):
 
     def _finish(self) -> None:
         self._eof = True
-        self._feeder.join()
+        if self._feeder is not None:
+            self._feeder.join()
         assert self._proc.stderr is not None
         err = self._proc.stderr.read().decode(errors="replace").strip()
         rc = self._proc.wait()
@@ -376,11 +387,13 @@ def open_decompressed(
     hash_output: bool,
     threaded: bool = False,
     process: bool = False,
+    source_path: str | None = None,
 ) -> Decompressor | ThreadedDecompressor | ProcessDecompressor:
     """A decompressed stream of ``raw``; ``process``: decompress and hash in a child process
-    (best for big compressed layers), ``threaded``: in a thread of this process."""
+    (best for big compressed layers; ``source_path``: the complete file, read by the child
+    directly), ``threaded``: in a thread of this process."""
     if process and compression != "none":
-        return ProcessDecompressor(raw, compression)
+        return ProcessDecompressor(raw, compression, source_path)
     inner = Decompressor(raw, compression, hash_output=hash_output)
     return ThreadedDecompressor(inner) if threaded else inner
 

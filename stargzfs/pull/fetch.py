@@ -119,6 +119,11 @@ class BlobDownload:
             )
             return self.error
 
+    def complete_path(self) -> Path | None:
+        """The verified blob's path if the download is complete, else ``None``."""
+        with self._cond:
+            return self.path if self.done and self.error is None else None
+
     def reader(self) -> _FollowReader:
         return _FollowReader(self)
 

@@ -449,6 +449,7 @@ def _apply_layers(
                         layer.compression or "none",
                         hash_output=True,
                         process=layer.size >= _PROCESS_INFLATE_MIN,
+                        source_path=str(complete) if (complete := dl.complete_path()) else None,
                     )
                     try:
                         applier.apply(stream, what)
