@@ -103,10 +103,12 @@ def test_convert_registry_to_registry_prioritized(
 ) -> None:
     src = registry.push_oci(_layout(tmp_path / "src"), "v1", "convert/plain:v1")
     prio = tmp_path / "prio.txt"
-    prio.write_text("/usr/share/doc/readme\napp/lib/util.py\n")
+    prio.write_text("/usr/share/doc/readme\napp/lib/util.py\n/not/there\n")
     dst = registry.ref("convert/esgz:v1")
     assert main(["convert", src, dst, "--prioritize", str(prio), "--chunk-size", "64k"]) == 0
-    digest = capsys.readouterr().out.strip()
+    out = capsys.readouterr()
+    digest = out.out.strip()
+    assert "not found in any converted layer: /not/there" in out.err
     manifest, config = _fetch(registry, dst, tmp_path / "out")
     assert _sha((tmp_path / "out" / "manifest.json").read_bytes()) == digest
     orders = _check_layers(tmp_path / "out", manifest, config, [LAYER1, LAYER2])
@@ -116,6 +118,9 @@ def test_convert_registry_to_registry_prioritized(
         assert order.index(first) < landmark
         regular = [n for n in order[landmark + 1 :] if n not in RESERVED]
         assert first not in regular and regular
+    # The lazy reader serves the converted image straight from the registry.
+    assert main(["cat", dst, "/app/lib/util.py"]) == 0
+    assert capsys.readouterr().out == "x = 1\n"
     # History and the rest of the config are untouched.
     src_config = json.loads(_skopeo(registry, "inspect", "--raw", "--config", f"docker://{src}"))
     assert {k: v for k, v in config.items() if k != "rootfs"} == {

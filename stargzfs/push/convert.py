@@ -86,6 +86,7 @@ class ConvertReport:
     converted: int = 0
     kept: int = 0
     manifests: list[str] = field(default_factory=list)
+    prioritized_found: set[str] = field(default_factory=set)
 
 
 def _sha256(data: bytes) -> str:
@@ -353,6 +354,7 @@ class _Converter:
         if self.opts.prioritized:
             names = await trio.to_thread.run_sync(_layer_names, src_path)
             prioritized = [p for p in self.opts.prioritized if _clean(p) in names]
+            self.report.prioritized_found.update(_clean(p) for p in prioritized)
 
         def run() -> Any:
             with open(src_path, "rb") as src, open(dst_path, "wb") as dst:
@@ -501,6 +503,9 @@ async def convert_image(
             new, _ = await conv.manifest(top, tag=True)
             digest = _sha256(new)
         await dest.finish()
+        missing = [p for p in opts.prioritized if _clean(p) not in conv.report.prioritized_found]
+        if missing and conv.report.converted:
+            conv._say(f"warning: not found in any converted layer: {', '.join(missing)}")
         return digest, conv.report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
