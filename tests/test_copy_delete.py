@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import FIXTURE_MANIFEST_DIGEST, Registry, RegistryFactory
+from harness import FIXTURE_MANIFEST_DIGEST, AuthKind, Registry, RegistryFactory
 from harness.oci import make_tar
 from test_convert_image import _index_layout
 
@@ -242,3 +242,19 @@ def test_prune_deletes_disabled(
     assert main(["prune", reg.ref("prune/nodel"), "--keep", "1", "--yes"]) == 7
     assert "UNSUPPORTED" in capsys.readouterr().err
     assert len(_tags(reg, "prune/nodel")) == 6
+
+
+@pytest.mark.parametrize("auth", ["basic", "token"])
+def test_delete_with_auth(
+    auth: AuthKind,
+    registry_factory: RegistryFactory,
+    oci_layout: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    reg = registry_factory(auth=auth, delete_enabled=True)
+    assert reg.authfile is not None
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(reg.authfile))
+    ref = reg.push_oci(oci_layout, "v1", "del/auth:v1")
+    assert main(["delete", ref, "--yes"]) == 0
+    assert _inspect(reg, ref).returncode != 0
