@@ -38,7 +38,7 @@ from ..reference import Reference, Repository
 from ..registry import RegistryClient
 from ..registry.auth import AuthTarget
 from ..registry.endpoints import Endpoint
-from ..registry.retry import Failure, Transient
+from ..registry.retry import Failure, Transient, is_transient
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -429,6 +429,8 @@ class Uploader:
             except Transient as t:
                 failure = t.failure
             except httpx.TransportError as e:
+                if not is_transient(e):
+                    raise RegistryError(f"{what}: {type(e).__name__}: {e}") from None
                 failure = Failure(f"{type(e).__name__}: {e or 'connection dropped'}")
             else:
                 break
