@@ -30,7 +30,9 @@ async def test_disk_cache_survives_a_new_process_view(tmp_path: Path) -> None:
     entry = reader.index.resolve(BIG)
     assert entry is not None
     first = await reader.read(entry, 0, entry.size)
-    assert len(source.reads) == len(reader.index.chunks(entry))
+    # Five adjacent chunks, one read: missing chunks are fetched in coalesced runs.
+    assert reader.fetches == len(reader.index.chunks(entry)) == 5
+    assert len(source.reads) == reader.requests == 1
     # A fresh cache object on the same directory (a remount): no reads from the blob.
     again, source2 = await reader_for(ChunkCache(tmp_path))
     assert await again.read(entry, 0, entry.size) == first
@@ -70,7 +72,8 @@ async def test_concurrent_readers_share_one_fetch() -> None:
             nursery.start_soon(read)
     assert len(set(results)) == 1 and len(results[0]) == 100000
     chunks = reader.index.chunks_for(entry, 70000, 100000)
-    assert reader.fetches == len(chunks) == len(source.reads)
+    assert reader.fetches == len(chunks) == 2  # each chunk once, whatever the readers
+    assert len(source.reads) == reader.requests == 1  # adjacent: one range request
 
 
 def test_memory_only_cache_is_bounded() -> None:
@@ -98,3 +101,22 @@ async def test_prefetch_caches_prioritized_files_with_one_read() -> None:
         node = view.resolve(path)
         await view.read(node, 0, node.entry.size)
     assert len(source.reads) == 1  # every prioritized file was served from the cache
+
+
+async def test_sequential_reader_gets_read_ahead() -> None:
+    reader, source = await reader_for(ChunkCache(None))
+    entry = reader.index.resolve(BIG)
+    assert entry is not None
+    await reader.read(entry, 0, 4096)  # chunk 0, and chunks 1-2 fetched in the background
+    for _ in range(50):
+        if reader.fetches >= 3:
+            break
+        await trio.sleep(0.01)
+    assert reader.fetches == 3
+    # Sequential, inside chunks 0-1 (cached): read-ahead moves on to chunk 3 only.
+    await reader.read(entry, 4096, 100000)
+    for _ in range(50):
+        if reader.fetches >= 4:
+            break
+        await trio.sleep(0.01)
+    assert reader.fetches == 4 and len(source.reads) == 3

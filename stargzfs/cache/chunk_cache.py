@@ -44,6 +44,12 @@ class ChunkCache:
         hexd = digest.hex()
         return os.path.join(self.directory, hexd[:2], hexd)
 
+    def has(self, digest: bytes) -> bool:
+        """Whether the chunk is cached (memory, or a file on disk; not re-verified here)."""
+        if self.get_memory(digest) is not None:
+            return True
+        return self.directory is not None and os.path.exists(self._path(digest))
+
     def get_memory(self, digest: bytes) -> bytes | None:
         """The memory tier only: never blocks, safe on the event loop."""
         with self._lock:
