@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -127,13 +128,9 @@ _TYPES = {
 }
 
 
-async def test_rootfs_matches_expected_merged_view(
-    fixture_image: str, fixtures_dir: Path, tmp_path: Path
-) -> None:
-    dest = tmp_path / "rootfs"
-    result = await pull(fixture_image, dest, opts(tmp_path))
-    assert result.layers == 2
-    expected = json.loads((fixtures_dir / "whiteout-merged.json").read_text())
+def check_view(dest: Path, expected: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``dest`` holds exactly the expected view of a fixture ``*.json`` (modes, owners when
+    root, mtimes, link targets, contents, dir nlink, devices, xattrs)."""
     got = tree(dest)
     want = {e["path"]: e for e in expected["entries"]}
     if not IS_ROOT:
@@ -162,9 +159,35 @@ async def test_rootfs_matches_expected_merged_view(
             if key.startswith("security.") and not IS_ROOT:
                 continue
             assert os.getxattr(full, key, follow_symlinks=False) == base64.b64decode(value)
+    return got
+
+
+async def test_rootfs_matches_expected_merged_view(
+    fixture_image: str, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "rootfs"
+    result = await pull(fixture_image, dest, opts(tmp_path))
+    assert result.layers == 2
+    got = check_view(dest, json.loads((fixtures_dir / "whiteout-merged.json").read_text()))
     assert got["usr/bin/hello"]["ino"] == got["usr/bin/hello-hardlink"]["ino"]
     assert not (dest / "stargz.index.json").exists()
     assert not list(tmp_path.glob(".rootfs.*")), "staging left behind"
+
+
+async def test_rootfs_of_zstd_chunked_fixture(
+    registry: Registry, fixtures_dir: Path, tmp_path: Path
+) -> None:
+    meta = json.loads((fixtures_dir / "zstdchunked.json").read_text())
+    blob = LayerBlob(
+        (fixtures_dir / "zstdchunked.zstdchunked").read_bytes(),
+        meta["diff_id"],
+        meta["media_type"],
+        meta["annotations"],
+    )
+    ref = push(registry, tmp_path, "pull/zstdchunked", [blob])
+    dest = tmp_path / "rootfs"
+    await pull(ref, dest, opts(tmp_path))
+    check_view(dest, meta)
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
@@ -645,14 +668,15 @@ async def test_segmented_download(
     assert registry_proxy.bytes_sent < len(blob.data) + 10_000
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_pull_resumes(
-    registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path
+    registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    """SIGKILL mid-download (connections cut every 1 MiB make it slow), then run again: the
-    second run asks only for the rest."""
+    """SIGKILL or Ctrl-C mid-download (connections cut every 1 MiB make it slow), then run
+    again: the second run asks only for the rest."""
     data = os.urandom(8 << 20)
-    blob = layer(make_tar({"k.bin": data}), "none")
-    ref = push(registry, tmp_path, "pull/killed", [blob]).replace(
+    blob = layer(make_tar({"k.bin": data, "sig": sig.name.encode()}), "none")
+    ref = push(registry, tmp_path, f"pull/killed-{sig.name.lower()}", [blob]).replace(
         registry.host, registry_proxy.host
     )
     partial = tmp_path / "cache/blobs/sha256" / (blob.digest.split(":")[1] + ".partial")
@@ -677,12 +701,16 @@ def test_killed_pull_resumes(
         else:
             pytest.fail("the download never started")
     finally:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=30)
     have = partial.stat().st_size
     assert 0 < have < len(blob.data)
-    assert not (tmp_path / "a").exists()  # the killed run left only its hidden staging dir
-    assert list(tmp_path.glob(".a.stargzfs-stage-*"))
+    assert not (tmp_path / "a").exists()
+    if sig == signal.SIGINT:
+        assert rc == 130
+        assert not list(tmp_path.glob(".a.stargzfs-*"))  # cleaned up on the way out
+    else:
+        assert list(tmp_path.glob(".a.stargzfs-stage-*"))  # left behind by the killed run
     registry_proxy.drop_next(count=0)
     registry_proxy.reset_counters()
     res = subprocess.run([*cmd, str(tmp_path / "b")], cwd=REPO, capture_output=True, timeout=60)
