@@ -721,3 +721,21 @@ def test_killed_pull_resumes(
     assert not list(tmp_path.glob(".a.stargzfs-*"))
     assert registry_proxy.bytes_sent <= len(blob.data) - have + 10_000
     assert any(r[2] == f"bytes={have}-" for r in registry_proxy.requests)
+
+
+@pytest.mark.parametrize("kind", ["basic", "token"])
+async def test_pull_with_credentials(
+    registry_basic: Registry,
+    registry_token: Registry,
+    oci_layout: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    reg = registry_basic if kind == "basic" else registry_token
+    assert reg.authfile is not None
+    ref = reg.push_oci(oci_layout, "v1", f"pull/auth-{kind}:v1")
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(reg.authfile))
+    dest = tmp_path / "oci"
+    await pull(ref, dest, opts(tmp_path, format="oci"))
+    skopeo("inspect", f"oci:{dest}:v1")
