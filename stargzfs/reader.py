@@ -157,7 +157,7 @@ class ChunkReader:
                 runs.append([chunk])
         return runs
 
-    async def _warm(self, chunks: list[Chunk], what: str) -> None:
+    async def warm(self, chunks: list[Chunk], what: str) -> None:
         """Make sure these chunks are cached, fetching the missing ones in coalesced runs."""
         verified = [c for c in chunks if c.digest is not None]
         missing = await trio.to_thread.run_sync(
@@ -173,7 +173,7 @@ class ChunkReader:
         chunks = self.index.chunks_for(entry, offset, length)
         what = self.index.path_of(entry.name_id)
         if len(chunks) > 1:
-            await self._warm(chunks, what)
+            await self.warm(chunks, what)
         sequential = self._last_end.get(entry.id) == offset
         if len(self._last_end) > 4096:
             self._last_end.clear()
@@ -193,7 +193,7 @@ class ChunkReader:
 
     async def _background_warm(self, chunks: list[Chunk], what: str) -> None:
         try:
-            await self._warm(chunks, what)
+            await self.warm(chunks, what)
         except Exception as e:  # read-ahead is an optimisation: the real read will report
             log.debug("read-ahead in %s failed: %s", what, e)
 

@@ -12,7 +12,7 @@ import trio
 
 from .cache import ChunkCache
 from .errors import NotFoundError, UsageError
-from .index import LayerIndex, MergedTree, Node
+from .index import Chunk, LayerIndex, MergedTree, Node
 from .reader import ChunkReader, decode_chunk, iter_file
 from .source import ByteSource
 
@@ -78,6 +78,26 @@ class ImageView:
         stored = await trio.to_thread.run_sync(decode_all)
         self.prefetch_state[layer.name] = f"done ({stored} chunks)"
         return stored
+
+    async def background_fetch(self, position: int, batch: int = 8 << 20) -> int:
+        """Fetch the rest of a layer, a batch of adjacent chunks at a time, one batch in
+        flight per layer so that on-demand reads keep most of the connections."""
+        layer, reader = self.layers[position], self.readers[position]
+        chunks = await trio.to_thread.run_sync(layer.index.chunks_before, layer.index.toc_offset)
+        self.prefetch_state[layer.name + " (background)"] = "running"
+        done = 0
+        group: list[Chunk] = []
+        for chunk in chunks:
+            group.append(chunk)
+            if group[-1].comp_end - group[0].comp_offset >= batch:
+                await reader.warm(group, f"{layer.name} background fetch")
+                done += len(group)
+                group = []
+        if group:
+            await reader.warm(group, f"{layer.name} background fetch")
+            done += len(group)
+        self.prefetch_state[layer.name + " (background)"] = f"done ({done} chunks)"
+        return done
 
     def stats(self) -> dict[str, object]:
         """What ``stargzfs stats`` shows: traffic per layer, cache hits and misses."""

@@ -134,3 +134,29 @@ def test_mount_local_oci_layout(oci_layout: Path, mnt: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     exp = json.loads((FIXTURES / "whiteout-merged.json").read_text())
     check_tree(mnt, exp, dir_nlink=True)
+
+
+def test_background_fetch_makes_the_image_local(
+    registry_factory: object, mnt: Path, tmp_path: Path
+) -> None:
+    reg: Registry = registry_factory()  # type: ignore[operator]
+    files = {f"data/f{i}.bin": os.urandom(300_000) for i in range(6)}
+    layout = write_oci_layout(tmp_path / "img", [estargz_layer(make_tar(files), chunk_size=65536)])
+    ref = reg.push_oci(layout, "v1", "bg/fetch:v1")
+    cache = str(tmp_path / "cache")
+    assert (
+        stargzfs("mount", ref, str(mnt), "--cache-dir", cache, "--background-fetch").returncode == 0
+    )
+    for _ in range(100):
+        stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
+        if all(layer["prefetch"] != "running" for layer in stats["layers"]) and stats["cache"][
+            "stored"
+        ] >= sum(len(d) // 65536 + 1 for d in files.values()):
+            break
+        time.sleep(0.1)
+    reg.stop()  # everything must now come from the cache
+    try:
+        for path, data in files.items():
+            assert (mnt / path).read_bytes() == data
+    finally:
+        reg.start()

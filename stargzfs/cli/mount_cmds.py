@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="do not fetch prioritized files in the background after mounting",
     )
     p.add_argument(
+        "--background-fetch",
+        action="store_true",
+        help="after the prefetch, fetch the rest of every layer in the background",
+    )
+    p.add_argument(
         "--record-access",
         metavar="FILE",
         help="append each file's path to FILE on its first read (for optimize)",
@@ -124,6 +129,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 args.mountpoint,
                 allow_other=args.allow_other,
                 prefetch=not args.no_prefetch,
+                background_fetch=args.background_fetch,
                 record_access=args.record_access,
                 ready=lambda: _report("ready"),
             )

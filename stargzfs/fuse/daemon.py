@@ -54,6 +54,7 @@ async def serve(
     *,
     allow_other: bool = False,
     prefetch: bool = True,
+    background_fetch: bool = False,
     record_access: str | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
@@ -67,9 +68,8 @@ async def serve(
             nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
             if ready is not None:
                 ready()
-            if prefetch:
-                for position in range(len(view.layers)):
-                    nursery.start_soon(_prefetch, view, position)
+            for position in range(len(view.layers)):
+                nursery.start_soon(_fetch_layer, view, position, prefetch, background_fetch)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
@@ -77,13 +77,19 @@ async def serve(
             pyfuse3.close(unmount=True)
 
 
-async def _prefetch(view: ImageView, position: int) -> None:
-    """Background prefetch of one layer's prioritized files; failures only cost speed."""
+async def _fetch_layer(view: ImageView, position: int, prefetch: bool, rest: bool) -> None:
+    """Background work for one layer: its prioritized files first (one request), then, with
+    --background-fetch, everything else. Failures only cost speed: reads fetch on demand."""
+    name = view.layers[position].name
     try:
-        count = await view.prefetch(position)
-        log.info("prefetched %d chunks of %s", count, view.layers[position].name)
+        if prefetch:
+            count = await view.prefetch(position)
+            log.info("prefetched %d chunks of %s", count, name)
+        if rest:
+            count = await view.background_fetch(position)
+            log.info("fetched the remaining %d chunks of %s", count, name)
     except Exception as e:
-        log.warning("prefetch of %s failed: %s", view.layers[position].name, e)
+        log.warning("background fetch of %s failed: %s", name, e)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
