@@ -330,3 +330,25 @@ def test_stale_remembered_session_starts_over(
     _, report = _push(reg, layout, ref, t, chunk_size=128 * 1024, state_dir=str(state))
     assert t.patch_bytes == report.results[0].size
     _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+
+
+def test_push_creds_stdin(
+    registry_basic: Registry,
+    oci_layout: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))  # no stored credentials
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    ref = registry_basic.ref("push-creds/stdin:v1")
+    monkeypatch.setattr("sys.stdin", io.StringIO("stargzfs-tester:wrong\n"))
+    assert main(["push", f"oci:{oci_layout}:v1", ref, "--creds-stdin"]) == 3
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO(f"{registry_basic.username}:{registry_basic.password}\n")
+    )
+    assert main(["push", f"oci:{oci_layout}:v1", ref, "--creds-stdin"]) == 0
+    assert capsys.readouterr().out.strip() == FIXTURE_MANIFEST_DIGEST

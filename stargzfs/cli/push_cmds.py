@@ -20,7 +20,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_client_options(p: argparse.ArgumentParser) -> None:
+def _add_client_options(p: argparse.ArgumentParser, creds_for: str = "the registry") -> None:
+    p.add_argument(
+        "--creds-stdin",
+        action="store_true",
+        help=f"read USER:PASSWORD for {creds_for} from the first line of stdin",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
@@ -70,21 +75,37 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _register_manage(sub)
 
 
-def _client(args: argparse.Namespace, *refs: str) -> Any:
-    """The registry client; with ``--insecure``, plain HTTP to the registries in ``refs``."""
+def _client(args: argparse.Namespace, *refs: str, creds_for: str | None = None) -> Any:
+    """The registry client; with ``--insecure``, plain HTTP to the registries in ``refs``;
+    with ``--creds-stdin``, the credentials read from stdin for ``creds_for``'s registry."""
+    import sys
+
     from ..errors import UsageError
     from ..reference import parse_reference
-    from ..registry import RegistryClient
+    from ..registry import Credentials, RegistryClient
+
+    def registry_of(text: str) -> str | None:
+        if text.startswith(("oci:", "docker-archive:", "dir-rootfs:")):
+            return None
+        try:
+            return parse_reference(text).registry
+        except UsageError:  # not a reference (a local path)
+            return None
 
     hosts: list[str] = []
     if getattr(args, "insecure", False):
-        for text in refs:
-            if not text.startswith(("oci:", "docker-archive:", "dir-rootfs:")):
-                try:
-                    hosts.append(parse_reference(text).registry)
-                except UsageError:  # not a reference (a local path)
-                    continue
-    return RegistryClient(insecure=hosts)
+        hosts = [h for h in map(registry_of, refs) if h is not None]
+    explicit: dict[str, Credentials] | None = None
+    if getattr(args, "creds_stdin", False):
+        registry = registry_of(creds_for or refs[-1])
+        if registry is None:
+            raise UsageError("--creds-stdin: no registry to use the credentials for")
+        line = sys.stdin.readline().rstrip("\r\n")
+        user, sep, password = line.partition(":")
+        if not sep or not user:
+            raise UsageError("--creds-stdin: expected USER:PASSWORD on the first line of stdin")
+        explicit = {registry: Credentials(user, password, source="stdin")}
+    return RegistryClient(insecure=hosts, credentials=explicit)
 
 
 async def cmd_push(args: argparse.Namespace) -> int:
@@ -161,7 +182,7 @@ def _register_convert(sub: argparse._SubParsersAction[Any]) -> None:
         "--jobs", "-j", type=_positive, default=3, metavar="N", help="layers in flight (3)"
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
-    _add_client_options(p)
+    _add_client_options(p, "DST's registry")
     p.set_defaults(func=cmd_convert)
 
 
@@ -216,7 +237,7 @@ def _register_manage(sub: argparse._SubParsersAction[Any]) -> None:
         "--jobs", "-j", type=_positive, default=3, metavar="N", help="blobs in flight (3)"
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print only the digest")
-    _add_client_options(p)
+    _add_client_options(p, "DST's registry")
     p.set_defaults(func=cmd_copy)
 
     p = sub.add_parser(
