@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from harness import Registry
 from harness.mount import is_mounted, unmount
 from harness.oci import estargz_layer, make_tar, write_oci_layout
+from harness.proxy import RegistryProxy
 from layer_helpers import FIXTURES
 from test_fuse_view import check_tree
 
@@ -160,3 +163,36 @@ def test_background_fetch_makes_the_image_local(
             assert (mnt / path).read_bytes() == data
     finally:
         reg.start()
+
+
+def test_concurrent_cold_readers_fetch_each_chunk_once(
+    registry: Registry, registry_proxy: RegistryProxy, mnt: Path, tmp_path: Path
+) -> None:
+    data = os.urandom(3 << 20)
+    layer = estargz_layer(make_tar({"big.bin": data, "small.txt": b"x"}), chunk_size=256 << 10)
+    registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "conc/read:v1")
+    ref = f"{registry_proxy.host}/conc/read:v1"
+    args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--no-prefetch")
+    assert stargzfs(*args).returncode == 0
+    registry_proxy.reset_counters()
+    results: list[bytes] = []
+
+    def read() -> None:
+        results.append((mnt / "big.bin").read_bytes())
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == data for r in results) and len(results) == 8
+    # Every compressed byte of the layer travelled at most once.
+    spans = []
+    for method, path, rng in registry_proxy.requests:
+        if method == "GET" and "/blobs/" in path and rng:
+            start, _, end = rng.removeprefix("bytes=").partition("-")
+            spans.append((int(start), int(end)))
+    spans.sort()
+    assert spans, registry_proxy.requests
+    for (a0, a1), (b0, _b1) in itertools.pairwise(spans):
+        assert a1 < b0, f"overlapping fetches {a0}-{a1} and {b0}"
