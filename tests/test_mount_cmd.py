@@ -196,3 +196,35 @@ def test_concurrent_cold_readers_fetch_each_chunk_once(
     assert spans, registry_proxy.requests
     for (a0, a1), (b0, _b1) in itertools.pairwise(spans):
         assert a1 < b0, f"overlapping fetches {a0}-{a1} and {b0}"
+
+
+def _program_files(program: str) -> dict[str, bytes]:
+    """A program and the shared libraries it needs, as image paths → bytes."""
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=True).stdout
+    paths = [program]
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            paths.append(parts[2])
+        elif parts and parts[0].startswith("/"):
+            paths.append(parts[0])
+    return {p.lstrip("/"): Path(os.path.realpath(p)).read_bytes() for p in paths}
+
+
+def test_chroot_runs_a_dynamically_linked_program(
+    registry: Registry, mnt: Path, tmp_path: Path
+) -> None:
+    files = _program_files("/bin/dash")
+    tar = make_tar(files, mode=0o755)
+    ref = registry.push_oci(
+        write_oci_layout(tmp_path / "img", [estargz_layer(tar)]), "v1", "chroot/dash:v1"
+    )
+    assert stargzfs("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c")).returncode == 0
+    out = subprocess.run(
+        ["chroot", str(mnt), "/bin/dash", "-c", "echo hello from the image"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from the image\n"
