@@ -643,7 +643,7 @@ def test_progress_lines_and_quiet(big_ref: tuple[str, LayerBlob], tmp_path: Path
     )
     assert res.returncode == 0, res.stderr
     lines = res.stderr.splitlines()
-    assert any(line.startswith("pulling: 1/1 blobs") for line in lines), lines
+    assert any(line.startswith("done: 1/1 blobs, 6.0 MiB of 6.0 MiB") for line in lines), lines
     assert "\r" not in res.stderr and "\x1b" not in res.stderr
     assert lines[-1].startswith("pulled 1 layer(s)")
     res = subprocess.run(

@@ -99,10 +99,16 @@ def test_progress_tty_and_plain() -> None:
     p.start("sha256:a", 100)
     p.advance("sha256:a", 50)
     p.tick()
-    p.message("done")
+    p.advance("sha256:a", 50)
+    p.finish("sha256:a")
+    p.tick()
+    p.message("all done")  # goes below the live display
     text = out.getvalue()
-    assert text.startswith("\r\x1b[K") and "0/1 blobs, 50 B of 100 B" in text
-    assert text.endswith("\r\x1b[Kdone\n")
+    first, second = text.split("\x1b[2F")  # the second frame redraws the first's 2 lines
+    assert first.startswith("\r\x1b[K  a")
+    assert "50 B / 100 B" in first and "0/1 blobs, 50 B of 100 B" in first
+    assert "100 B / 100 B" in second and "done" in second and "1/1 blobs" in second
+    assert second.endswith("ETA 0s\nall done\n")
     out = io.StringIO()
     p = Progress(out, tty=False, interval=0)
     p.cached("sha256:b", 2048)

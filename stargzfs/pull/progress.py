@@ -25,6 +25,26 @@ class _Blob:
     done_bytes: int = 0
     finished: bool = False
     cached: bool = False
+    started: float = 0.0
+    start_bytes: int = 0
+    finished_at: float = 0.0
+
+    def line(self, digest: str, now: float) -> str:
+        name = digest.split(":")[-1][:12]
+        if self.cached:
+            return f"  {name}  {human_bytes(self.size):>10}  cached"
+        end = self.finished_at if self.finished else now
+        elapsed = max(end - self.started, 1e-6)
+        speed = (self.done_bytes - self.start_bytes) / elapsed
+        if self.finished:
+            state = f"done  {human_bytes(speed)}/s"
+        else:
+            left = self.size - self.done_bytes
+            eta = f"ETA {left / speed:.0f}s" if speed > 0 else "ETA ?"
+            state = f"{human_bytes(speed)}/s  {eta}"
+        return (
+            f"  {name}  {human_bytes(self.done_bytes):>10} / {human_bytes(self.size):<10}  {state}"
+        )
 
 
 class Progress:
@@ -45,12 +65,13 @@ class Progress:
         self.blobs: dict[str, _Blob] = {}
         self.started = time.monotonic()
         self._last = 0.0
-        self._wrote_tty_line = False
+        self._tty_lines = 0  # lines of the live display on screen (TTY)
         self.stage = "downloading"
 
     def start(self, digest: str, size: int, have: int = 0) -> None:
         blob = self.blobs.setdefault(digest, _Blob(size))
-        blob.done_bytes = have
+        blob.done_bytes = blob.start_bytes = have
+        blob.started = time.monotonic()
 
     def cached(self, digest: str, size: int) -> None:
         self.blobs[digest] = _Blob(size, size, True, True)
@@ -65,6 +86,7 @@ class Progress:
         if blob is not None:
             blob.finished = True
             blob.done_bytes = blob.size
+            blob.finished_at = time.monotonic()
 
     def line(self) -> str:
         total = sum(b.size for b in self.blobs.values())
@@ -86,8 +108,11 @@ class Progress:
             return
         self._last = now
         if self.tty:
-            self.stream.write("\r\x1b[K" + self.line())
-            self._wrote_tty_line = True
+            # one line per blob and a total, redrawn in place
+            lines = [b.line(d, now) for d, b in self.blobs.items()] + [self.line()]
+            up = f"\x1b[{self._tty_lines}F" if self._tty_lines else "\r"
+            self.stream.write(up + "".join("\x1b[K" + ln + "\n" for ln in lines))
+            self._tty_lines = len(lines)
         else:
             self.stream.write(self.line() + "\n")
         self.stream.flush()
@@ -95,8 +120,6 @@ class Progress:
     def message(self, text: str) -> None:
         if self.quiet:
             return
-        if self._wrote_tty_line:
-            self.stream.write("\r\x1b[K")
-            self._wrote_tty_line = False
+        self._tty_lines = 0  # the live display stays above; a next frame starts below
         self.stream.write(text + "\n")
         self.stream.flush()

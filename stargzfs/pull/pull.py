@@ -363,7 +363,13 @@ async def _download_and_build(
         try:
             img = images[0]
             _apply_layers(
-                staging, img.manifest.layers, img.config.diff_ids, downloads, abort, result
+                staging,
+                img.manifest.layers,
+                img.config.diff_ids,
+                downloads,
+                abort,
+                result,
+                progress,
             )
         finally:
             extracted.set()
@@ -432,6 +438,7 @@ def _apply_layers(
     downloads: dict[str, BlobDownload],
     abort: threading.Event,
     result: PullResult,
+    progress: Progress | None = None,
 ) -> None:
     def check() -> None:
         if abort.is_set():
@@ -442,6 +449,8 @@ def _apply_layers(
         for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
             dl = downloads[layer.digest]
             what = f"layer {i} ({layer.digest})"
+            if progress is not None:
+                progress.stage = f"applying layer {i + 1}/{len(layers)}"
             try:
                 with dl.reader() as raw:
                     stream = open_decompressed(
@@ -471,6 +480,8 @@ def _apply_layers(
                     f"{what}: uncompressed content (diff_id)", diff_id, actual
                 )
         applier.finish()
+        if progress is not None:
+            progress.stage = "done"
         result.files = applier.stats.files
         result.bytes_written = applier.stats.bytes
         result.skipped_devices = applier.stats.skipped_devices
