@@ -267,6 +267,7 @@ async def open_image(
     platform: Platform | str | None = None,
     creds: Credentials | None = None,
     insecure: bool = False,
+    mirrors: Sequence[str] = (),
     cache_dir: str | os.PathLike[str] | None = None,
     allow_unverified: bool = True,
 ) -> OpenedImage:
@@ -284,12 +285,14 @@ async def open_image(
     else:
         from .image import resolve_image
         from .reference import parse_reference
-        from .registry import RegistryClient
+        from .registry import RegistryClient, parse_mirror_option
 
         parsed = parse_reference(ref)
         explicit = {parsed.registry: creds} if creds is not None else None
         client = RegistryClient(
-            credentials=explicit, insecure=[parsed.registry] if insecure else ()
+            credentials=explicit,
+            insecure=[parsed.registry] if insecure else (),
+            mirrors=parse_mirror_option(mirrors) if mirrors else None,
         )
         try:
             resolved = await resolve_image(client, parsed, platform)

@@ -83,3 +83,16 @@ def test_login_logout(
     assert run("logout", reg.host, env=env).returncode == 0
     assert reg.host not in json.loads((tmp_path / "config.json").read_text()).get("auths", {})
     assert run("layers", ref, env=env).returncode == 3
+
+
+@pytest.mark.slow  # the no-mirror half spends the retry budget on the unreachable host
+def test_mirror_serves_a_registry_that_is_unreachable(
+    fixture_image: str, registry: Registry
+) -> None:
+    # The upstream name does not resolve; the mirror (our registry) has the image.
+    repo_tag = fixture_image.split("/", 1)[1]
+    ref = f"upstream.invalid:5000/{repo_tag}"
+    out = run("ls", ref, "/etc", "--mirror", f"upstream.invalid:5000={registry.host}")
+    assert out.returncode == 0, out.stderr
+    assert "passwd" in out.stdout.split()
+    assert run("ls", ref, "/etc").returncode == 5  # without the mirror: network failure

@@ -27,6 +27,13 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
         help="read USER:PASSWORD for the registry from the first line of stdin",
     )
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="REGISTRY=MIRROR",
+        help="try MIRROR before REGISTRY (repeatable; registries.conf mirrors apply too)",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="keep layer indexes here between runs")
     if json_flag:
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -75,6 +82,7 @@ async def _open(args: argparse.Namespace) -> OpenedImage:
         platform=args.platform,
         creds=creds,
         insecure=args.insecure,
+        mirrors=args.mirror,
         cache_dir=args.cache_dir,
     )
 

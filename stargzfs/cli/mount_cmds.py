@@ -47,6 +47,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help="append each file's path to FILE on its first read (for optimize)",
     )
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="REGISTRY=MIRROR",
+        help="try MIRROR before REGISTRY (repeatable)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     p.add_argument("--log-file", help="daemon log (default: none when daemonized)")
     p.set_defaults(func=cmd_mount)
@@ -121,7 +129,11 @@ async def _serve(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     try:
         async with await open_image(
-            args.ref, platform=args.platform, allow_unverified=args.allow_unverified
+            args.ref,
+            platform=args.platform,
+            allow_unverified=args.allow_unverified,
+            mirrors=args.mirror,
+            insecure=args.insecure,
         ) as opened:
             view = await opened.view(cache_dir=cache_dir, cache=ChunkCache(cache_dir))
             await serve(
