@@ -225,6 +225,35 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def bench_inflaters(blobs: list[Path]) -> None:
+    """Decompress (and hash, as the pull does) the image's layers with each gzip backend."""
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+        "from stargzfs.pull.extract import Decompressor, gzip_backend\n"
+        "t = time.perf_counter(); n = 0\n"
+        "for path in sys.argv[1:]:\n"
+        "    with open(path, 'rb') as f:\n"
+        "        d = Decompressor(f, 'gzip', hash_output=True)\n"
+        "        while b := d.read(1 << 20): n += len(b)\n"
+        "print(gzip_backend()[0], n, time.perf_counter() - t)\n"
+    )
+    print("gzip backends (decompress + sha256 of the output, one core):")
+    for backend in ("zlib", "zlib-ng", "isal"):
+        env = {**os.environ, "STARGZFS_GZIP": backend}
+        res = subprocess.run(
+            [sys.executable, "-c", code, *map(str, blobs)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        name, n, secs = res.stdout.split()
+        if name != backend:
+            print(f"  {backend:8} not installed")
+            continue
+        print(f"  {backend:8} {float(secs):6.2f}s  {int(n) / float(secs) / 1e6:7.0f} MB/s")
+
+
 def timed(fn: Callable[[], None], setup: Callable[[], None], repeat: int) -> tuple[float, float]:
     """(fastest wall seconds, CPU seconds of that run: user+sys, all processes)."""
     best = (float("inf"), 0.0)
@@ -259,6 +288,9 @@ def main() -> int:
             f"image: {len(LAYER_SOURCES)} gzip layers, {comp / 1e6:.0f} MB compressed, "
             f"{uncomp / 1e6:.0f} MB uncompressed (built and pushed in "
             f"{time.perf_counter() - t:.1f}s); {os.cpu_count()} CPUs"
+        )
+        bench_inflaters(
+            [p for p in (layout / "blobs/sha256").iterdir() if p.stat().st_size > 1 << 20]
         )
         out = work / "out"
         cache = work / "cache"

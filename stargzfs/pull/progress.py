@@ -91,9 +91,10 @@ class Progress:
     def line(self) -> str:
         total = sum(b.size for b in self.blobs.values())
         done = sum(b.done_bytes for b in self.blobs.values())
+        fetched = sum(b.done_bytes - b.start_bytes for b in self.blobs.values() if not b.cached)
         finished = sum(1 for b in self.blobs.values() if b.finished)
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        speed = done / elapsed
+        speed = fetched / elapsed
         eta = (total - done) / speed if speed > 0 and total > done else 0.0
         return (
             f"{self.stage}: {finished}/{len(self.blobs)} blobs, {human_bytes(done)} of "
