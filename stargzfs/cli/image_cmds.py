@@ -18,14 +18,8 @@ if TYPE_CHECKING:
     from ..view import ImageView
 
 
-def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
-    p.add_argument("ref", metavar="REF", help="image reference, or oci:DIR[:TAG]")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
-    p.add_argument(
-        "--creds-stdin",
-        action="store_true",
-        help="read USER:PASSWORD for the registry from the first line of stdin",
-    )
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """How to reach the registry: the options every command that reads images shares."""
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
     p.add_argument(
         "--mirror",
@@ -34,6 +28,17 @@ def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
         metavar="REGISTRY=MIRROR",
         help="try MIRROR before REGISTRY (repeatable; registries.conf mirrors apply too)",
     )
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("ref", metavar="REF", help="image reference, or oci:DIR[:TAG]")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
+    p.add_argument(
+        "--creds-stdin",
+        action="store_true",
+        help="read USER:PASSWORD for the registry from the first line of stdin",
+    )
+    add_network_options(p)
     p.add_argument("--cache-dir", metavar="DIR", help="keep layer indexes here between runs")
     if json_flag:
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -88,25 +93,33 @@ async def _open(args: argparse.Namespace) -> OpenedImage:
 
 
 # -- layers ---------------------------------------------------------------------------------------
+async def layer_rows(img: OpenedImage) -> list[dict[str, Any]]:
+    """One dict per layer: digest, size, media type, format, lazy, verified, entries,
+    annotations (what ``layers`` and ``inspect`` show)."""
+    rows = []
+    for i in range(len(img.layers)):
+        info = await img.layer_info(i)
+        d = info.descriptor
+        rows.append(
+            {
+                "digest": d.digest,
+                "size": d.size,
+                "media_type": d.media_type,
+                "format": info.format,
+                "lazy": info.lazy,
+                "verified": info.verified,
+                "entries": info.entries,
+                "annotations": dict(d.annotations),
+            }
+        )
+    return rows
+
+
 async def cmd_layers(args: argparse.Namespace) -> int:
     import json
 
     async with await _open(args) as img:
-        rows = []
-        for i in range(len(img.layers)):
-            info = await img.layer_info(i)
-            d = info.descriptor
-            rows.append(
-                {
-                    "digest": d.digest,
-                    "size": d.size,
-                    "media_type": d.media_type,
-                    "format": info.format,
-                    "lazy": info.lazy,
-                    "verified": info.verified,
-                    "entries": info.entries,
-                }
-            )
+        rows = await layer_rows(img)
     if args.json:
         doc = {"ref": img.ref, "manifest_digest": img.digest, "layers": rows}
         print(json.dumps(doc, indent=2))

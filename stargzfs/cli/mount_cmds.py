@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from ..errors import StargzfsError, UsageError
+from .image_cmds import add_network_options
 
 _READY_FD_ENV = "STARGZFS_READY_FD"
 
@@ -47,14 +48,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help="append each file's path to FILE on its first read (for optimize)",
     )
-    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
-    p.add_argument(
-        "--mirror",
-        action="append",
-        default=[],
-        metavar="REGISTRY=MIRROR",
-        help="try MIRROR before REGISTRY (repeatable)",
-    )
+    add_network_options(p)
     p.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     p.add_argument("--log-file", help="daemon log (default: none when daemonized)")
     p.set_defaults(func=cmd_mount)

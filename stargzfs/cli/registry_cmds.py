@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
-from .image_cmds import _common, _open
+from .image_cmds import _common, _open, layer_rows
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -41,21 +41,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
     async with await _open(args) as img:
-        layers = []
-        for i in range(len(img.layers)):
-            info = await img.layer_info(i)
-            d = info.descriptor
-            layers.append(
-                {
-                    "digest": d.digest,
-                    "size": d.size,
-                    "media_type": d.media_type,
-                    "format": info.format,
-                    "lazy": info.lazy,
-                    "verified": info.verified,
-                    "annotations": dict(d.annotations),
-                }
-            )
+        layers = await layer_rows(img)
         cfg = img.config
         doc: dict[str, Any] = {
             "ref": img.ref,

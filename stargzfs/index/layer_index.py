@@ -499,7 +499,6 @@ class _Builder:
         xattrs = e.get("xattrs")
         xattrs_json = _check_xattrs(xattrs, raw) if xattrs else None
         if kind == "dir":
-            code = DIR
             if path == "":
                 self.root_row = (ROOT_ID, ROOT_ID, "", DIR, mode)
                 self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, ROOT_ID))
@@ -509,34 +508,16 @@ class _Builder:
                 # A dir entry after its children (or repeated): update, keep the inode.
                 self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, existing))
                 return None
-            pid, base = self._parent(path)
-            nid = self._new_id()
-            self.dirs[path] = nid
-            return (
-                nid,
-                pid,
-                base,
-                code,
-                mode,
-                uid,
-                gid,
-                0,
-                mtime,
-                None,
-                None,
-                xattrs_json,
-                None,
-                None,
-                None,
-            )
-        if path == "":
+        elif path == "":
             raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
         pid, base = self._parent(path)
         nid = self._new_id()
         link = dev = digest = offset = inner = None
         size = 0
         code = _KIND_CODE[kind]
-        if kind == "reg":
+        if kind == "dir":
+            self.dirs[path] = nid
+        elif kind == "reg":
             size = _int(e, "size", raw, 0, _MAX_SIZE)
             if size:
                 offset = _int(e, "offset", raw, None, self.toc_offset - 1)
