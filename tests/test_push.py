@@ -3,6 +3,7 @@ checked with skopeo; HEAD skips; resumable and interrupted uploads."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -352,3 +353,43 @@ def test_push_creds_stdin(
     )
     assert main(["push", f"oci:{oci_layout}:v1", ref, "--creds-stdin"]) == 0
     assert capsys.readouterr().out.strip() == FIXTURE_MANIFEST_DIGEST
+
+
+def test_push_docker_save_v25_style_archive(
+    registry: Registry, oci_layout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`docker save` since Docker 25 writes an OCI layout plus manifest.json, layers under
+    blobs/sha256 (here gzip, kept as they are), some as symlinks to others."""
+    import tarfile
+
+    index = json.loads((oci_layout / "index.json").read_text())
+    mdigest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((oci_layout / "blobs/sha256" / mdigest).read_text())
+    layers = [d["digest"].split(":")[1] for d in manifest["layers"]]
+    config = manifest["config"]["digest"].split(":")[1]
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tar:
+        for hexdigest in [config, *layers]:
+            tar.add(oci_layout / "blobs/sha256" / hexdigest, f"blobs/sha256/{hexdigest}")
+        link = tarfile.TarInfo("dup/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, f"../blobs/sha256/{layers[0]}"
+        tar.addfile(link)
+        entry = [
+            {
+                "Config": f"blobs/sha256/{config}",
+                "RepoTags": ["example/saved:v1"],
+                "Layers": ["dup/layer.tar", *[f"blobs/sha256/{h}" for h in layers[1:]]],
+            }
+        ]
+        data = json.dumps(entry).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    ref = registry.ref("push-archive/saved:v1")
+    assert main(["push", f"docker-archive:{archive}:example/saved:v1", ref]) == 0
+    capsys.readouterr()
+    raw = json.loads(_skopeo(registry, "inspect", "--raw", f"docker://{ref}"))
+    assert raw["config"]["digest"] == manifest["config"]["digest"]
+    assert [d["digest"] for d in raw["layers"]] == [d["digest"] for d in manifest["layers"]]
+    # A complete image: skopeo pulls it back.
+    _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
