@@ -285,3 +285,31 @@ def test_memory_bounded_by_chunk_size() -> None:
         gc.enable()
     assert sum(size for method, _, size in fake.log if method == "PATCH") == len(big)
     assert peak < 3 * 256 * 1024 + 1024 * 1024, peak
+
+
+def test_push_image_layers_then_config_then_manifest(tmp_path: Any) -> None:
+    from harness.oci import gzip_layer, make_tar, write_oci_layout
+
+    from stargzfs.push.pusher import push_image
+    from stargzfs.push.sources import open_source
+
+    rng = random.Random(5)
+    layers = [gzip_layer(make_tar({f"f{i}": rng.randbytes(300_000)})) for i in range(4)]
+    layout = write_oci_layout(tmp_path / "l", layers)
+    fake = UploadFake()
+
+    async def main() -> str:
+        with open_source(f"oci:{layout}") as image:
+            async with fake.client() as client:
+                digest, _ = await push_image(
+                    client, image, Reference(REPO, "v1"), jobs=3, chunk_size=128 * 1024
+                )
+                return digest
+
+    digest = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    puts = [(path, size) for method, path, size in fake.log if method == "PUT"]
+    assert puts[-1][0] == "/v2/team/app/manifests/v1"
+    config_put = next(i for i, (_, size) in enumerate(puts) if 0 < size < 1000)
+    assert config_put == len(puts) - 2  # the config is monolithic, after every layer
+    assert len(fake.blobs["team/app"]) == 5
+    assert digest == "sha256:" + hashlib.sha256(fake.manifests["team/app:v1"]).hexdigest()
