@@ -393,3 +393,23 @@ def test_push_docker_save_v25_style_archive(
     assert [d["digest"] for d in raw["layers"]] == [d["digest"] for d in manifest["layers"]]
     # A complete image: skopeo pulls it back.
     _skopeo(registry, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+
+
+def test_bad_sources(tmp_path: Path, oci_layout: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    dest = "127.0.0.1:1/never/used:v1"
+    assert main(["push", f"oci:{tmp_path / 'missing'}", dest]) == 4
+    assert main(["push", f"oci:{oci_layout}:nope", dest]) == 4
+    assert "tags: v1" in capsys.readouterr().err
+    assert main(["push", str(tmp_path), dest]) == 2  # a directory: say which kind
+    bad = tmp_path / "bad"
+    shutil.copytree(oci_layout, bad)
+    blob = next(p for p in (bad / "blobs/sha256").iterdir() if p.stat().st_size > 10_000)
+    blob.write_bytes(blob.read_bytes()[:-1])
+    assert main(["push", f"oci:{bad}", dest]) == 6
+    assert "descriptor says" in capsys.readouterr().err
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    assert main(["push", str(tmp_path / "junk.tar"), dest]) == 6
+    assert main(["push", "oci-archive:/x.tar", dest]) == 2
+    assert main(["push", f"oci:{oci_layout}", "127.0.0.1:1/never/used@sha256:" + "0" * 64]) == 2

@@ -257,6 +257,11 @@ def open_oci_layout(path: str, tag: str | None) -> LocalImage:
                 if desc.urls:
                     continue  # foreign layer: lives elsewhere
                 raise NotFoundError(f"oci:{path}: blob {desc.digest} is missing")
+            if p.stat().st_size != desc.size:
+                raise FormatError(
+                    f"oci:{path}: blob {desc.digest} is {p.stat().st_size} bytes, "
+                    f"its descriptor says {desc.size}"
+                )
             blobs[desc.digest] = LocalBlob(desc.digest, desc.size, desc.media_type, str(p))
     return LocalImage(top_data, doc.media_type, manifests, blobs, tag)
 
