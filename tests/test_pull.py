@@ -739,3 +739,21 @@ async def test_pull_with_credentials(
     dest = tmp_path / "oci"
     await pull(ref, dest, opts(tmp_path, format="oci"))
     skopeo("inspect", f"oci:{dest}:v1")
+
+
+@pytest.mark.parametrize("fmt", ["rootfs", "oci"])
+async def test_damaged_cache_blob_is_caught_and_removed(
+    big_ref: tuple[str, LayerBlob], tmp_path: Path, fmt: str
+) -> None:
+    ref, blob = big_ref
+    await pull(ref, tmp_path / "first", opts(tmp_path, format=fmt))
+    cached = tmp_path / "cache/blobs/sha256" / blob.digest.split(":")[1]
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    cached.chmod(0o644)
+    cached.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError, match="cached copy"):
+        await pull(ref, tmp_path / "second", opts(tmp_path, format=fmt))
+    assert not cached.exists() and not (tmp_path / "second").exists()
+    again = await pull(ref, tmp_path / "third", opts(tmp_path, format=fmt))
+    assert again.stats.cache_hits == 0 and cached.read_bytes() == blob.data

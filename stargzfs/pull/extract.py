@@ -289,25 +289,25 @@ class ProcessDecompressor(io.RawIOBase):
     """Decompression (and hashing) in a child process (``stargzfs.pull._inflate``), fed by a
     thread: a core of its own, no GIL shared with the tar extraction."""
 
-    def __init__(self, raw: Any, compression: str, source_path: str | None = None) -> None:
-        """``source_path``: the complete compressed file, which the child then reads itself
-        (no feeding thread, two copies fewer); otherwise ``raw`` is fed through a pipe."""
+    def __init__(self, raw: Any, compression: str, source_fd: int | None = None) -> None:
+        """``source_fd``: the complete compressed file (this takes it over), which the child
+        then reads itself (no feeding thread, two copies fewer); otherwise ``raw`` is fed
+        through a pipe."""
         super().__init__()
         self._raw = raw
         self.hasher: _Digest | None = None
-        source = open(source_path, "rb") if source_path is not None else None  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "stargzfs.pull._inflate", compression],
-                stdin=source if source is not None else subprocess.PIPE,
+                stdin=source_fd if source_fd is not None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 bufsize=0,
                 cwd=str(Path(__file__).resolve().parents[2]),
             )
         finally:
-            if source is not None:
-                source.close()
+            if source_fd is not None:
+                os.close(source_fd)
         assert self._proc.stdout is not None
         for pipe in (self._proc.stdout, self._proc.stdin):
             if pipe is not None:
@@ -387,13 +387,15 @@ def open_decompressed(
     hash_output: bool,
     threaded: bool = False,
     process: bool = False,
-    source_path: str | None = None,
+    source_fd: int | None = None,
 ) -> Decompressor | ThreadedDecompressor | ProcessDecompressor:
     """A decompressed stream of ``raw``; ``process``: decompress and hash in a child process
-    (best for big compressed layers; ``source_path``: the complete file, read by the child
-    directly), ``threaded``: in a thread of this process."""
+    (best for big compressed layers; ``source_fd``: the complete file, read by the child
+    directly, and closed here), ``threaded``: in a thread of this process."""
     if process and compression != "none":
-        return ProcessDecompressor(raw, compression, source_path)
+        return ProcessDecompressor(raw, compression, source_fd)
+    if source_fd is not None:
+        os.close(source_fd)
     inner = Decompressor(raw, compression, hash_output=hash_output)
     return ThreadedDecompressor(inner) if threaded else inner
 

@@ -119,10 +119,13 @@ class BlobDownload:
             )
             return self.error
 
-    def complete_path(self) -> Path | None:
-        """The verified blob's path if the download is complete, else ``None``."""
+    def open_if_complete(self) -> int | None:
+        """A read-only fd of the blob if every byte is on disk (maybe not verified yet: see
+        :meth:`wait_verified`), else ``None``."""
         with self._cond:
-            return self.path if self.done and self.error is None else None
+            if self.path is None or self.error is not None or self.written < self.size:
+                return None
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def reader(self) -> _FollowReader:
         return _FollowReader(self)
@@ -164,6 +167,11 @@ class _FollowReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _hash_file_prefix(fd: int, length: int) -> hashlib._Hash:
@@ -210,10 +218,18 @@ async def _fetch(
 ) -> Path:
     cached = cache.lookup(dl.digest, dl.size)
     if cached is not None:
-        stats.cache_hits += 1
-        stats.bytes_saved += dl.size
+        # Readers may start on it now; it counts as verified only once re-hashed.
+        dl.started(cached, dl.size)
         if progress is not None:
             progress.cached(dl.digest, dl.size)
+        actual = await trio.to_thread.run_sync(_file_digest, cached)
+        if actual != dl.digest:
+            cache.discard(cached)
+            raise DigestMismatchError(
+                f"{dl.what}: the cached copy (now removed; run again)", dl.digest, actual
+            )
+        stats.cache_hits += 1
+        stats.bytes_saved += dl.size
         dl.finish(cached)
         return cached
     opened = await trio.to_thread.run_sync(cache.open_partial, dl.digest)

@@ -451,14 +451,16 @@ def _apply_layers(
             what = f"layer {i} ({layer.digest})"
             if progress is not None:
                 progress.stage = f"applying layer {i + 1}/{len(layers)}"
+            compression = layer.compression or "none"
+            in_process = layer.size >= _PROCESS_INFLATE_MIN and compression != "none"
             try:
                 with dl.reader() as raw:
                     stream = open_decompressed(
                         raw,
-                        layer.compression or "none",
+                        compression,
                         hash_output=True,
-                        process=layer.size >= _PROCESS_INFLATE_MIN,
-                        source_path=str(complete) if (complete := dl.complete_path()) else None,
+                        process=in_process,
+                        source_fd=dl.open_if_complete() if in_process else None,
                     )
                     try:
                         applier.apply(stream, what)
@@ -469,12 +471,16 @@ def _apply_layers(
                     actual = "sha256:" + stream.hasher.hexdigest()
             except StargzfsError:
                 # Bytes that fail to parse may be bytes that fail their digest (a corrupt
-                # resume prefix, a tampered stream): let the download finish and report that,
-                # which also discards the bad blob.
+                # resume prefix, a tampered stream, a damaged cache file): let the check
+                # finish and report that, which also discards the bad blob.
                 error = dl.wait_verified()
                 if isinstance(error, DigestMismatchError):
                     raise error from None
                 raise
+            # A blob read straight from disk may still be being hashed: wait for the verdict.
+            error = dl.wait_verified()
+            if error is not None:
+                raise error
             if actual != diff_id:
                 raise DigestMismatchError(
                     f"{what}: uncompressed content (diff_id)", diff_id, actual
