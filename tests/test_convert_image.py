@@ -292,3 +292,34 @@ def test_convert_docker_archive_to_zstdchunked(
         contents = {n: d for n, d in _entries(raw) if n not in RESERVED}
         assert contents == files
         assert _sha(raw) in config["rootfs"]["diff_ids"]
+
+
+def test_convert_to_docker_archive_and_push_it(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The archive loads with docker/skopeo (manifest.json) and keeps the eStargz annotations
+    for a later push (its OCI index and manifest)."""
+    src = registry.push_oci(_layout(tmp_path / "src"), "v1", "convert/to-archive:v1")
+    archive = tmp_path / "esgz.tar"
+    assert main(["convert", src, f"docker-archive:{archive}:example/esgz:v1"]) == 0
+    digest = capsys.readouterr().out.strip()
+    info = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", f"docker-archive:{archive}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    )
+    assert len(info["Layers"]) == 2
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("manifest.json")
+        assert member is not None
+        assert json.loads(member.read())[0]["RepoTags"] == ["example/esgz:v1"]
+    dst = registry.ref("convert/from-archive:v1")
+    assert main(["push", f"docker-archive:{archive}", dst]) == 0
+    assert capsys.readouterr().out.strip() == digest
+    manifest, config = _fetch(registry, dst, tmp_path / "out")
+    _check_layers(tmp_path / "out", manifest, config, [LAYER1, LAYER2])
+    assert main(["convert", src, f"docker-archive:{archive}", "--all-platforms"]) == 2

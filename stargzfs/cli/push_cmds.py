@@ -148,7 +148,7 @@ def _register_convert(sub: argparse._SubParsersAction[Any]) -> None:
         description=(
             "Convert every layer of SRC to eStargz and write the image to DST. SRC is a "
             "registry reference, oci:DIR[:TAG] or docker-archive:FILE; DST a registry "
-            "reference or oci:DIR[:TAG]. Layers annotated with a TOC digest are kept unless "
+            "reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]. Layers annotated with a TOC digest are kept unless "
             "--force. Config diff_ids follow the new layers. Prints the new manifest digest."
         ),
     )

@@ -1,7 +1,9 @@
 """Convert a whole image to eStargz (or stargz-snapshotter's zstd:chunked).
 
 ``SRC`` is a registry reference, ``oci:DIR[:TAG]`` or ``docker-archive:FILE``; ``DST`` a
-registry reference or ``oci:DIR[:TAG]``. For each image manifest (one platform, or every
+registry reference, ``oci:DIR[:TAG]`` or ``docker-archive:FILE[:NAME:TAG]`` (one image; the
+archive is also an OCI layout, as ``docker save`` writes since Docker 25, so that pushing it
+keeps the manifest and its eStargz annotations). For each image manifest (one platform, or every
 platform of an index with ``all_platforms``):
 
 * each layer is converted with :func:`stargzfs.convert.convert_layer`; the new descriptor gets
@@ -275,6 +277,84 @@ class _OciDest(_Dest):
         index_path.write_text(json.dumps(index, indent=2))
 
 
+class _DockerArchiveDest(_Dest):
+    """Writes a ``docker load``-able archive that is also an OCI layout (as ``docker save``
+    does since Docker 25): ``manifest.json`` for docker and skopeo, ``index.json`` and the
+    manifest blob so the layer annotations (the eStargz TOC digests) survive a push."""
+
+    def __init__(self, path: str, name: str | None, workdir: str) -> None:
+        self.path = path
+        self.name = name
+        self.dir = Path(workdir) / "archive"
+        (self.dir / "blobs" / "sha256").mkdir(parents=True)
+        self.top: tuple[bytes, str] | None = None
+
+    def _blob(self, digest: str) -> Path:
+        _, hexdigest = parse_digest(digest)
+        return self.dir / "blobs" / "sha256" / hexdigest
+
+    async def put_blob(
+        self, digest: str, size: int, path: str | None, source: _Source | None
+    ) -> None:
+        target = self._blob(digest)
+        if target.exists():
+            return
+        if path is not None:
+            await trio.to_thread.run_sync(shutil.copyfile, path, target)
+        else:
+            assert source is not None
+            await source.blob_to_file(digest, str(target))
+
+    async def put_manifest(self, data: bytes, media_type: str, tag: bool) -> str:
+        if not tag:
+            raise UsageError("a docker-archive holds one image: convert one --platform")
+        self._blob(_sha256(data)).write_bytes(data)
+        self.top = (data, media_type)
+        return _sha256(data)
+
+    async def finish(self) -> None:
+        assert self.top is not None
+        await trio.to_thread.run_sync(self._write)
+
+    def _write(self) -> None:
+        assert self.top is not None
+        data, media_type = self.top
+        doc = parse_manifest(data, media_type)
+        assert isinstance(doc, Manifest)
+
+        def rel(digest: str) -> str:
+            return "blobs/sha256/" + parse_digest(digest)[1]
+
+        annotations = {}
+        if self.name:
+            annotations["io.containerd.image.name"] = self.name
+            annotations["org.opencontainers.image.ref.name"] = self.name.rpartition(":")[2]
+        top: dict[str, Any] = {
+            "mediaType": media_type,
+            "digest": _sha256(data),
+            "size": len(data),
+        }
+        if annotations:
+            top["annotations"] = annotations
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [top]}
+        entry = {
+            "Config": rel(doc.config.digest),
+            "RepoTags": [self.name] if self.name else [],
+            "Layers": [rel(d.digest) for d in doc.layers],
+        }
+        (self.dir / "index.json").write_text(json.dumps(index))
+        (self.dir / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        (self.dir / "manifest.json").write_text(json.dumps([entry]))
+        tmp = f"{self.path}.partial"
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(self.dir / "oci-layout", "oci-layout")
+            for blob in sorted((self.dir / "blobs" / "sha256").iterdir()):
+                tar.add(blob, f"blobs/sha256/{blob.name}")
+            tar.add(self.dir / "index.json", "index.json")
+            tar.add(self.dir / "manifest.json", "manifest.json")
+        os.replace(tmp, self.path)
+
+
 # --------------------------------------------------------------------------- conversion
 
 
@@ -469,8 +549,39 @@ async def convert_image(
     workdir: str | None = None,
 ) -> tuple[str, ConvertReport]:
     """Convert ``src`` and write it to ``dst``; returns (digest of the top manifest, report)."""
+    tmp = tempfile.mkdtemp(prefix="stargzfs-convert-", dir=workdir)
+    try:
+        return await _convert_into(client, src, dst, opts, out, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _convert_into(
+    client: RegistryClient, src: str, dst: str, opts: ConvertOptions, out: TextIO | None, tmp: str
+) -> tuple[str, ConvertReport]:
     from .upload import DEFAULT_CHUNK_SIZE
 
+    dest: _Dest
+    if dst.startswith("oci:"):
+        path, _, tag = dst[4:].partition(":")
+        dest = _OciDest(Path(path), tag or None)
+    elif dst.startswith("docker-archive:"):
+        if opts.all_platforms:
+            raise UsageError("a docker-archive holds one image: convert one --platform")
+        path, _, name = dst[len("docker-archive:") :].partition(":")
+        if not path:
+            raise UsageError(f"{dst!r}: missing path")
+        dest = _DockerArchiveDest(path, name or None, tmp)
+    elif _is_registry(dst):
+        ref = parse_reference(dst)
+        if ref.digest is not None:
+            raise UsageError(f"convert to a tag, not a digest: {dst}")
+        uploader = Uploader(client, chunk_size=opts.upload_chunk_size or DEFAULT_CHUNK_SIZE)
+        dest = _RegistryDest(uploader, ref)
+    else:
+        raise UsageError(
+            f"{dst!r}: the destination must be a registry reference, oci:DIR or docker-archive:FILE"
+        )
     local: LocalImage | None = None
     source: _Source
     if _is_registry(src):
@@ -480,19 +591,6 @@ async def convert_image(
             raise UsageError("convert reads registry images, oci:DIR or docker-archive:FILE")
         local = await trio.to_thread.run_sync(lambda: open_source(src, jobs=opts.jobs))
         source = _LocalSource(local)
-    dest: _Dest
-    if dst.startswith("oci:"):
-        path, _, tag = dst[4:].partition(":")
-        dest = _OciDest(Path(path), tag or None)
-    elif _is_registry(dst):
-        ref = parse_reference(dst)
-        if ref.digest is not None:
-            raise UsageError(f"convert to a tag, not a digest: {dst}")
-        uploader = Uploader(client, chunk_size=opts.upload_chunk_size or DEFAULT_CHUNK_SIZE)
-        dest = _RegistryDest(uploader, ref)
-    else:
-        raise UsageError(f"{dst!r}: the destination must be a registry reference or oci:DIR")
-    tmp = tempfile.mkdtemp(prefix="stargzfs-convert-", dir=workdir)
     try:
         conv = _Converter(source, dest, opts, tmp, out)
         top, media_type = await source.top()
@@ -508,7 +606,6 @@ async def convert_image(
             conv._say(f"warning: not found in any converted layer: {', '.join(missing)}")
         return digest, conv.report
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if local is not None:
             local.close()
 

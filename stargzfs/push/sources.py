@@ -327,6 +327,61 @@ def _member(tar: tarfile.TarFile, name: str, archive: str) -> tarfile.TarInfo:
         raise FormatError(f"{archive}: member {name!r} is not a regular file")
 
 
+def _archived_manifest(tar: tarfile.TarFile, path: str, config_digest: str) -> LocalImage | None:
+    """The image's own manifest when the archive also is an OCI layout (``docker save`` since
+    Docker 25, ``stargzfs convert … docker-archive:``) and its layers are compressed: pushed
+    verbatim, with its digest and layer annotations (eStargz TOC digests) intact."""
+    try:
+        info = tar.getmember("index.json")
+    except KeyError:
+        return None
+    f = tar.extractfile(info)
+    if f is None:
+        return None
+    try:
+        index = parse_manifest(f.read(), "application/vnd.oci.image.index.v1+json")
+    except FormatError:
+        return None
+    if not isinstance(index, Index):
+        return None
+
+    def member(digest: str) -> tarfile.TarInfo | None:
+        algorithm, hexdigest = parse_digest(digest)
+        try:
+            m = _member(tar, f"blobs/{algorithm}/{hexdigest}", path)
+        except FormatError:
+            return None
+        return m
+
+    for desc in index.manifests:
+        if desc.media_type in INDEX_MEDIA_TYPES:
+            continue
+        minfo = member(desc.digest)
+        if minfo is None or minfo.size > 4 * 1024 * 1024:
+            continue
+        mf = tar.extractfile(minfo)
+        assert mf is not None
+        data = mf.read()
+        if _sha256(data) != desc.digest:
+            continue
+        try:
+            lm = _manifest(data, desc.media_type)
+        except FormatError:
+            continue
+        if lm.doc.config.digest != config_digest:
+            continue
+        if any(d.compression not in ("gzip", "zstd") for d in lm.doc.layers):
+            return None  # uncompressed layers: compress them (the manifest.json route)
+        blobs: dict[str, LocalBlob] = {}
+        for d in (*lm.doc.layers, lm.doc.config):
+            binfo = member(d.digest)
+            if binfo is None or binfo.size != d.size:
+                return None
+            blobs[d.digest] = LocalBlob(d.digest, d.size, d.media_type, path, binfo.offset_data)
+        return LocalImage(data, lm.media_type, [lm], blobs)
+    return None
+
+
 def open_docker_archive(
     path: str, ref: str | None, *, workdir: str | None = None, jobs: int = 3
 ) -> LocalImage:
@@ -370,6 +425,9 @@ def open_docker_archive(
         assert cf is not None
         config_data = cf.read()
         linfos = [_member(tar, n, path) for n in layer_names]
+        verbatim = _archived_manifest(tar, path, _sha256(config_data))
+    if verbatim is not None:
+        return verbatim
     image = LocalImage(b"", DOCKER_MANIFEST, [], {})
     try:
         tmp = tempfile.mkdtemp(prefix="stargzfs-push-", dir=workdir)
