@@ -135,3 +135,23 @@ def test_blob_cache_paths_and_size_check(tmp_path: Path) -> None:
     assert final == tmp_path / "blobs/sha256" / digest.split(":")[1]
     assert cache.lookup(digest, 3) == final
     assert cache.lookup(digest, 4) is None and not final.exists()  # wrong size: dropped
+
+
+def test_layer_root_entry_sets_root_metadata(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        root = tarfile.TarInfo("./")
+        root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o750, 1_600_000_000
+        tar.addfile(root)
+        f = tarfile.TarInfo("./a")
+        f.size = 1
+        tar.addfile(f, io.BytesIO(b"a"))
+    dest = tmp_path / "root"
+    dest.mkdir()
+    with LayerApplier(str(dest)) as applier:
+        buf.seek(0)
+        applier.apply(buf, "layer")
+        applier.finish()
+    st = dest.stat()
+    assert oct(st.st_mode & 0o7777) == oct(0o750) and int(st.st_mtime) == 1_600_000_000
+    assert (dest / "a").read_bytes() == b"a"

@@ -551,8 +551,12 @@ class LayerApplier:
             name = clean_name(raw_name)
         except UnsafePathError as e:
             raise UnsafePathError(f"{self._what}: {e}") from None
-        if name == "":
-            return  # the layer root itself ("./")
+        if name == "":  # the layer root itself ("./"): its metadata applies to the root
+            if m.isdir():
+                self.stats.dir_meta[""] = _DirMeta(
+                    m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime)
+                )
+            return
         if len(self._dir_fds) > 256:
             self._drop_dir_fds()
         self.stats.entries += 1
@@ -722,9 +726,10 @@ class LayerApplier:
                     raise
 
     # -- the end ---------------------------------------------------------------------------
-    def finish(self, root_meta: _DirMeta | None = None) -> None:
+    def finish(self) -> None:
         """Apply deferred directory metadata, deepest first."""
         self._drop_dir_fds()
+        root_meta = self.stats.dir_meta.pop("", None)
         items = sorted(self.stats.dir_meta.items(), key=lambda kv: kv[0].count("/"), reverse=True)
         for path, meta in items:
             parents, base = _split(path)
@@ -744,7 +749,13 @@ class LayerApplier:
                 os.close(fd)
             if len(self._dir_fds) > 256:
                 self._drop_dir_fds()
-        os.fchmod(self.root_fd, 0o755)
+        if root_meta is None:
+            os.fchmod(self.root_fd, 0o755)
+        else:
+            if self.as_root:
+                os.fchown(self.root_fd, root_meta.uid, root_meta.gid)
+            os.fchmod(self.root_fd, root_meta.mode)
+            os.utime(self.root_fd, ns=(root_meta.mtime_ns, root_meta.mtime_ns))
 
 
 def _is_symlink(part: str, dir_fd: int) -> bool:
