@@ -41,6 +41,7 @@ class UploadFake:
     mount_answer: int = 201
     allow_delete: bool = True
     patches: int = 0
+    started: int = 0
     manifests: dict[str, bytes] = field(default_factory=dict)
 
     def client(self) -> RegistryClient:
@@ -88,7 +89,8 @@ class UploadFake:
             if mount and src and mount in self.blobs.get(src, {}) and self.mount_answer == 201:
                 self.blobs.setdefault(repo, {})[mount] = self.blobs[src][mount]
                 return httpx.Response(201)
-            sid = f"s{len(self.sessions)}"
+            sid = f"s{self.started}"
+            self.started += 1
             self.sessions[sid] = bytearray()
             # Relative to the request URL (".../uploads/"), not even rooted.
             return httpx.Response(202, headers={"Location": f"{sid}?x=1"})

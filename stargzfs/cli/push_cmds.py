@@ -148,8 +148,9 @@ def _register_convert(sub: argparse._SubParsersAction[Any]) -> None:
         description=(
             "Convert every layer of SRC to eStargz and write the image to DST. SRC is a "
             "registry reference, oci:DIR[:TAG] or docker-archive:FILE; DST a registry "
-            "reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]. Layers annotated with a TOC digest are kept unless "
-            "--force. Config diff_ids follow the new layers. Prints the new manifest digest."
+            "reference, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]. Layers annotated "
+            "with a TOC digest are kept unless --force. Config diff_ids follow the new "
+            "layers. Prints the new manifest digest."
         ),
     )
     p.add_argument("src", metavar="SRC")
