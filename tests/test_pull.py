@@ -757,3 +757,17 @@ async def test_damaged_cache_blob_is_caught_and_removed(
     assert not cached.exists() and not (tmp_path / "second").exists()
     again = await pull(ref, tmp_path / "third", opts(tmp_path, format=fmt))
     assert again.stats.cache_hits == 0 and cached.read_bytes() == blob.data
+
+
+def test_cli_missing_parent_is_a_usage_error(fixture_image: str, tmp_path: Path) -> None:
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-m", "stargzfs", "pull", fixture_image, str(parent / "missing/x"), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr

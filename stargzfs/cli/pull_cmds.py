@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 async def _pull(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..errors import StargzfsError
     from ..pull.pull import PullOptions, pull
     from ..reference import Platform
 
@@ -59,5 +60,9 @@ async def _pull(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet,
     )
-    await pull(args.ref, args.dest, options)
+    try:
+        await pull(args.ref, args.dest, options)
+    except OSError as e:  # disk full, permissions, ...: one line, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        raise StargzfsError(f"pull failed: {e.strerror or e}{where}") from None
     return 0

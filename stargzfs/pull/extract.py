@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from ..errors import FormatError, UnsafePathError
+from ..errors import FormatError, StargzfsError, UnsafePathError
 from ..formats.toc import HIDDEN_NAMES, clean_name
 
 __all__ = ["Decompressor", "LayerApplier", "open_decompressed"]
@@ -541,7 +541,12 @@ class LayerApplier:
                     break
                 if self.check_interrupt is not None:
                     self.check_interrupt()
-                self._entry(tar, member)
+                try:
+                    self._entry(tar, member)
+                except OSError as e:
+                    raise StargzfsError(
+                        f"{what}: entry {member.name!r}: {e.strerror or e}"
+                    ) from None
         finally:
             tar.close()
 
