@@ -17,21 +17,27 @@ Each runs ``--repeat`` times; the fastest wall time is reported (the registry's 
 are in the page cache for every contender). Output trees go to ``--workdir`` (default
 /dev/shm, so the VM's disk isn't what gets measured).
 
-Usage: scripts/bench_pull.py [--repeat 2] [--jobs 4] [--workdir DIR] [--keep]
+Usage: scripts/bench_pull.py [--repeat 2] [--jobs 4] [--workdir DIR] [--keep] [--link-mbit N]
+
+With ``--link-mbit N`` every pull goes through a throttled TCP link (all connections share
+N Mbit/s), which is what makes the warm-cache repeat pull worth measuring.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -225,6 +231,55 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+class ThrottledLink:
+    """A TCP forwarder to ``upstream`` whose downstream bytes share one token bucket of
+    ``rate`` bytes/s: a slow link (every connection together), for cold-vs-warm numbers."""
+
+    def __init__(self, upstream: str, rate: float) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            delay = self._next - now
+        if delay > 0:
+            time.sleep(delay)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, throttle: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if throttle:
+                    self._take(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
 def bench_inflaters(blobs: list[Path]) -> None:
     """Decompress (and hash, as the pull does) the image's layers with each gzip backend."""
     code = (
@@ -274,6 +329,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--link-mbit",
+        type=float,
+        default=0,
+        help="pull through a throttled link of this many Mbit/s (0: direct, loopback speed)",
+    )
     args = ap.parse_args()
 
     from harness import start_registry
@@ -292,6 +353,10 @@ def main() -> int:
         bench_inflaters(
             [p for p in (layout / "blobs/sha256").iterdir() if p.stat().st_size > 1 << 20]
         )
+        if args.link_mbit:
+            link = ThrottledLink(reg.host, args.link_mbit * 1e6 / 8)
+            ref = ref.replace(reg.host, link.host)
+            print(f"pulling through a {args.link_mbit:g} Mbit/s link")
         out = work / "out"
         cache = work / "cache"
 
