@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "mount_cmds",
     "pull_cmds",
     "push_cmds",
+    "optimize_cmds",
     "layer_cmds",
 )
 
@@ -59,10 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run another program: everything after their "--" is that program's argv.
+COMMANDS_WITH_TAIL = frozenset({"optimize"})
+
+
+def _split_command_tail(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS_WITH_TAIL and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     raw_argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw_argv)
+    head, tail = _split_command_tail(raw_argv)
+    args = parser.parse_args(head)
+    if tail is not None:
+        args.command_argv = tail
     args.raw_argv = raw_argv  # for commands that re-execute themselves (mount daemon)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="stargzfs: %(levelname)s: %(message)s")
