@@ -322,4 +322,8 @@ def test_convert_to_docker_archive_and_push_it(
     assert capsys.readouterr().out.strip() == digest
     manifest, config = _fetch(registry, dst, tmp_path / "out")
     _check_layers(tmp_path / "out", manifest, config, [LAYER1, LAYER2])
+    # Converting the archive again keeps its eStargz layers (read in place in the tar).
+    again = registry.ref("convert/from-archive-again:v1")
+    assert main(["convert", f"docker-archive:{archive}", again]) == 0
+    assert "0 layer(s) converted, 2 kept" in capsys.readouterr().err
     assert main(["convert", src, f"docker-archive:{archive}", "--all-platforms"]) == 2
