@@ -42,6 +42,7 @@ class UploadFake:
     allow_delete: bool = True
     patches: int = 0
     started: int = 0
+    refuse_patch: int | None = None  # answer every PATCH with this status
     manifests: dict[str, bytes] = field(default_factory=dict)
 
     def client(self) -> RegistryClient:
@@ -100,6 +101,8 @@ class UploadFake:
         loc = {"Location": f"/v2/{repo}/blobs/uploads/{sid}?x=2"}
         if method == "GET":
             return httpx.Response(204, headers={**loc, "Range": f"0-{len(session) - 1}"})
+        if method == "PATCH" and self.refuse_patch is not None:
+            return httpx.Response(self.refuse_patch)
         if method == "PATCH":
             self.patches += 1
             first = int(request.headers["content-range"].split("-")[0])
@@ -315,3 +318,13 @@ def test_push_image_layers_then_config_then_manifest(tmp_path: Any) -> None:
     assert config_put == len(puts) - 2  # the config is monolithic, after every layer
     assert len(fake.blobs["team/app"]) == 5
     assert digest == "sha256:" + hashlib.sha256(fake.manifests["team/app:v1"]).hexdigest()
+
+
+@pytest.mark.parametrize("status", [400, 405, 416])
+def test_refused_chunked_upload_falls_back_to_one_streamed_put(status: int) -> None:
+    fake = UploadFake(refuse_patch=status)
+    result = _run(fake, lambda u: u.push_blob(REPO, DIGEST, len(DATA), _source(DATA)))
+    assert result.outcome == "uploaded" and result.bytes_sent == len(DATA)
+    assert fake.blobs["team/app"][DIGEST] == DATA
+    assert [m for m, _, _ in fake.log] == ["HEAD", "POST", "PATCH", "POST", "PUT"]
+    assert fake.log[-1][2] == len(DATA)

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 
-from ..errors import NotFoundError, RegistryError, StargzfsError
+from ..errors import NotFoundError, RegistryError, StargzfsError, UnsupportedError
 from ..reference import Reference, Repository
 from ..registry import RegistryClient
 from ..registry.auth import AuthTarget
@@ -146,10 +146,12 @@ class Uploader:
         what: str,
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
+        body: Callable[[], AsyncIterator[bytes]] | None = None,
         ok: tuple[int, ...],
     ) -> httpx.Response:
-        """One request with a body (read in full, small): registry auth, one re-auth on 401,
-        the client's error mapping. Raises ``Transient`` for retryable failures."""
+        """One request with a body (``content``, or streamed from ``body()``, called again
+        for a re-sent request): registry auth, one re-auth on 401, the client's error
+        mapping. Raises ``Transient`` for retryable failures."""
         c = self.client
         target = AuthTarget(ep.host, ep.registry, path)
         base = httpx.URL(ep.base_url)
@@ -160,7 +162,9 @@ class Uploader:
                 send = dict(headers or {})
                 if authorization is not None and _same_origin(url, base):
                     send["Authorization"] = authorization
-                request = c._http.build_request(method, url, headers=send, content=content)
+                request = c._http.build_request(
+                    method, url, headers=send, content=body() if body is not None else content
+                )
                 response = await c._http.send(request, follow_redirects=False)
                 # httpx ties a response and its stream in a reference cycle that lives until
                 # the cyclic GC runs, and the request (with its chunk body) with it. The body
@@ -426,6 +430,13 @@ class Uploader:
                         raise StargzfsError(
                             f"{what}: source ended at byte {offset + len(buf)} of {size}"
                         )
+            except (RegistryError, UnsupportedError) as e:
+                status = e.status if isinstance(e, RegistryError) else 405
+                if sent or offset or status not in (400, 405, 416):
+                    raise
+                # Some registries take no chunked uploads: one streamed PUT instead.
+                log.info("%s: chunked upload refused (%s); uploading in one request", what, e)
+                return await self._put_streamed(ep, path, scopes, digest, size, source, what)
             except Transient as t:
                 failure = t.failure
             except httpx.TransportError as e:
@@ -472,6 +483,38 @@ class Uploader:
         )
         self._drop_state(ep, path, digest)
         return sent
+
+    async def _put_streamed(
+        self,
+        ep: Endpoint,
+        path: str,
+        scopes: tuple[str, ...],
+        digest: str,
+        size: int,
+        source: ChunkSource,
+        what: str,
+    ) -> int:
+        """The whole blob in one ``PUT`` of a fresh session, streamed from ``source``."""
+
+        async def attempt() -> httpx.Response:
+            location = await self._new_session(ep, path, scopes, what)
+            url = location.copy_merge_params({"digest": digest})
+
+            async def body() -> AsyncIterator[bytes]:
+                async with aclosing(source(0)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+            return await self._request(
+                ep, path, scopes, "PUT", url, what=what, headers=headers, body=body, ok=(201, 204)
+            )
+
+        await self.client._retrying(what, attempt)
+        self.uploaded_bytes += size
+        if self.progress is not None:
+            self.progress(digest, size)
+        return size
 
     async def _patch(
         self,
