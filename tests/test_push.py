@@ -57,14 +57,14 @@ def _client(reg: Registry, transport: httpx.AsyncBaseTransport | None = None) ->
     )
 
 
-def _uploads(reg: Registry, digest: str) -> int:
+def _uploads(reg: Registry, digest: str, wait: bool = True) -> int:
     """Completed blob uploads of ``digest`` in the registry's access log."""
     pattern = re.compile(
         r'"PUT /v2/[^ ]*/blobs/uploads/[^ ]*digest=' + re.escape(digest.replace(":", "%3A"))
     )
     # The access log line may land just after the response: give it a moment.
     found = 0
-    for _ in range(20):
+    for _ in range(20 if wait else 1):
         found = len(pattern.findall(reg.log_path.read_text(errors="replace")))
         if found:
             break
@@ -413,3 +413,50 @@ def test_bad_sources(tmp_path: Path, oci_layout: Path, capsys: pytest.CaptureFix
     assert main(["push", str(tmp_path / "junk.tar"), dest]) == 6
     assert main(["push", "oci-archive:/x.tar", dest]) == 2
     assert main(["push", f"oci:{oci_layout}", "127.0.0.1:1/never/used@sha256:" + "0" * 64]) == 2
+
+
+@pytest.mark.slow
+def test_killed_push_process_rerun(registry_factory: RegistryFactory, tmp_path: Path) -> None:
+    """The CLI is killed (SIGKILL) once the first layer is in; the re-run skips that layer
+    and uploads only the other one."""
+    import os
+    import signal
+    import sys
+
+    reg = registry_factory()
+    layout = _big_layout(tmp_path / "l", [24_000_000, 24_000_000], seed=8)
+    mdigest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs/sha256" / mdigest.split(":")[1]).read_text())
+    first, second = (d["digest"] for d in manifest["layers"])
+    ref = reg.ref("push/killed:v1")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("REGISTRY_AUTH_FILE", None)
+    argv = [sys.executable, "-m", "stargzfs", "-v", "push", f"oci:{layout}:v1", ref]
+    argv += ["--jobs", "1", "--chunk-size", "256k"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    started = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [d for d in (first, second) if _uploads(reg, d, wait=False)]
+        if done:
+            started = done[0]
+            time.sleep(0.05)  # let the other layer get a few chunks in
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=30)
+    if started is None or proc.returncode != -signal.SIGKILL:
+        pytest.skip("the push finished before it could be interrupted")
+    other = second if started == first else first
+    if _uploads(reg, other, wait=False):
+        pytest.skip("both layers finished before the kill")
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == mdigest
+    assert f"exists  {started}" in res.stderr
+    assert f"uploaded  {other}" in res.stderr
+    # The cut-off layer's remembered session is tried first. distribution signs the offset
+    # into the session URL, so a chunk cut off midway leaves it stale: it then starts over.
+    assert "resuming a previous session" in res.stderr or "session is gone" in res.stderr
+    assert _uploads(reg, started) == 1 and _uploads(reg, other) == 1
+    _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
