@@ -110,6 +110,8 @@ class Uploader:
     :param state_dir: where chunked upload sessions are remembered (location and offset after
         each accepted chunk), so that a later process pushing the same blob to the same
         repository resumes the session instead of starting over; ``None``: not remembered.
+        (distribution signs the offset into the session URL: when a chunk was cut off midway,
+        the part it stored makes the remembered URL stale, and the upload starts over.)
     """
 
     def __init__(
