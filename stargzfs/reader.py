@@ -87,6 +87,7 @@ class ChunkReader:
 
     READ_AHEAD = 2  # chunks
     MAX_GAP = 64 * 1024  # compressed bytes read through to merge two runs
+    NEAR = 2 << 20  # a read this close to the previous one's end counts as sequential
 
     def __init__(self, source: ByteSource, index: LayerIndex, cache: ChunkCache) -> None:
         self.source = source
@@ -174,7 +175,8 @@ class ChunkReader:
         what = self.index.path_of(entry.name_id)
         if len(chunks) > 1:
             await self.warm(chunks, what)
-        sequential = self._last_end.get(entry.id) == offset
+        last = self._last_end.get(entry.id)
+        sequential = last is not None and abs(offset - last) <= self.NEAR
         if len(self._last_end) > 4096:
             self._last_end.clear()
         self._last_end[entry.id] = offset + length

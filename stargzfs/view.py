@@ -58,8 +58,16 @@ class ImageView:
         if not end:
             return 0
         self.prefetch_state[layer.name] = "running"
-        chunks = await trio.to_thread.run_sync(layer.index.chunks_before, end)
-        if not chunks:
+        def uncached() -> list[Chunk]:
+            return [
+                c
+                for c in layer.index.chunks_before(end)
+                if c.digest is not None and not self.cache.has(c.digest)
+            ]
+
+        chunks = await trio.to_thread.run_sync(uncached)
+        if not chunks:  # a remount with a warm cache: nothing to fetch
+            self.prefetch_state[layer.name] = "done (cached)"
             return 0
         data = await layer.source.read_at(0, end)
         compression = layer.index.compression
@@ -67,8 +75,7 @@ class ImageView:
         def decode_all() -> int:
             stored = 0
             for chunk in chunks:
-                if chunk.digest is None or self.cache.get(chunk.digest) is not None:
-                    continue
+                assert chunk.digest is not None
                 comp = data[chunk.comp_offset : chunk.comp_end]
                 what = f"{layer.name} prefetch"
                 self.cache.put(chunk.digest, decode_chunk(compression, comp, chunk, what))

@@ -117,7 +117,12 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
         node = self.tree.lookup(parent, text)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Inode 0 with a timeout is a negative entry the kernel caches: programs probe
+            # many paths that don't exist (Python's imports, the dynamic loader).
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = CACHE_TIMEOUT
+            return negative
         return self._attr(node)
 
     @_guard

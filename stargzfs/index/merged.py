@@ -17,6 +17,8 @@ import heapq
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from ..errors import NotFoundError
 from .layer_index import ROOT_ID, Entry, LayerIndex
 
@@ -26,6 +28,7 @@ MERGED_ROOT_INO = 1
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _LAYER_SHIFT = 40
+CHILDREN_CACHE_ENTRIES = 500_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,10 @@ class MergedTree:
         self.root = Node(MERGED_ROOT_INO, top, self.layers[top].get(ROOT_ID), tuple(sources))
         self._dirs: dict[int, Node] = {MERGED_ROOT_INO: self.root}
         self._nlink: dict[int, int] = {}
+        # Bounded by the number of entries held, not of directories.
+        self._children: LRUCache[int, list[Node]] = LRUCache(
+            maxsize=CHILDREN_CACHE_ENTRIES, getsizeof=lambda nodes: max(len(nodes), 1)
+        )
 
     # -- inode numbers -------------------------------------------------------------------
 
@@ -112,9 +119,18 @@ class MergedTree:
         return found
 
     def children(self, parent: Node) -> list[Node]:
-        """The merged directory's entries, sorted by name, whiteouts applied."""
+        """The merged directory's entries, sorted by name, whiteouts applied.
+
+        Cached (the image never changes): `find`, `ls -R` and link counting list the same
+        directories again and again."""
         if not parent.is_dir:
             return []
+        cached = self._children.get(parent.ino)
+        if cached is None:
+            cached = self._children[parent.ino] = self._list(parent)
+        return cached
+
+    def _list(self, parent: Node) -> list[Node]:
         if len(parent.sources) == 1:
             pos, dir_row = parent.sources[0]
             out = []
