@@ -155,3 +155,24 @@ def test_layer_root_entry_sets_root_metadata(tmp_path: Path) -> None:
     st = dest.stat()
     assert oct(st.st_mode & 0o7777) == oct(0o750) and int(st.st_mtime) == 1_600_000_000
     assert (dest / "a").read_bytes() == b"a"
+
+
+@pytest.mark.parametrize("backend", ["zlib", "zlib-ng", "isal"])
+def test_every_gzip_backend_inflates_multi_member(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STARGZFS_GZIP", backend)
+    gzip_backend.cache_clear()
+    try:
+        # an optional backend that is not installed falls back to another (zlib at worst)
+        assert gzip_backend()[0] == backend or backend != "zlib"
+        stream = open_decompressed(io.BytesIO(_multi_member_gzip(DATA)), "gzip", hash_output=True)
+        assert stream.read() == DATA
+        bad = open_decompressed(
+            io.BytesIO(b"\x1f\x8b\x08\x00garbage" * 10), "gzip", hash_output=False
+        )
+        with pytest.raises(FormatError):
+            bad.read()
+    finally:
+        monkeypatch.delenv("STARGZFS_GZIP")
+        gzip_backend.cache_clear()
