@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from stargzfs.errors import (
     DigestMismatchError,
     FormatError,
     NotFoundError,
+    RegistryError,
     UnsafePathError,
     UsageError,
 )
 from stargzfs.pull.pull import PullOptions, pull
 from stargzfs.reference import Platform
+from stargzfs.registry import RegistryClient, RetryPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -771,3 +774,35 @@ def test_cli_missing_parent_is_a_usage_error(fixture_image: str, tmp_path: Path)
     )
     assert res.returncode == 2 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+async def test_resume_when_registry_ignores_ranges(
+    big_ref: tuple[str, LayerBlob],
+    registry: Registry,
+    registry_proxy: RegistryProxy,
+    tmp_path: Path,
+) -> None:
+    """A 200 to the resume's Range request: the prefix is skipped, the result still right."""
+    ref = big_ref[0].replace(registry.host, registry_proxy.host)
+    blob = big_ref[1]
+    blobs = tmp_path / "cache/blobs/sha256"
+    blobs.mkdir(parents=True)
+    (blobs / (blob.digest.split(":")[1] + ".partial")).write_bytes(blob.data[:100_000])
+    registry_proxy.ranges = "ignore"
+    result = await pull(ref, tmp_path / "out", opts(tmp_path))
+    assert result.stats.bytes_resumed == 100_000
+    assert (tmp_path / "out/big.bin").read_bytes() == BIG
+
+
+async def test_registry_outage_is_exit_5_and_leaves_nothing(
+    registry_factory: Callable[..., Registry], oci_layout: Path, tmp_path: Path
+) -> None:
+    reg = registry_factory()
+    ref = reg.push_oci(oci_layout, "v1", "pull/outage:v1")
+    reg.stop()
+    fast = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)
+    async with RegistryClient(retry=fast) as client:
+        with pytest.raises(RegistryError) as info:
+            await pull(ref, tmp_path / "out", opts(tmp_path), client=client)
+    assert info.value.exit_code == 5
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
