@@ -169,3 +169,26 @@ async def test_index_persists_and_reopens(tmp_path: Any) -> None:
         second,
         second.resolve("usr/bin/ping"),  # type: ignore[arg-type]
     )
+
+
+async def test_streamed_toc_in_tiny_pieces_gives_the_same_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The TOC decoder's windows and pieces may split anywhere, even inside a UTF-8 name."""
+    from stargzfs.formats import toc as toc_module
+
+    toc = await read_toc(FileSource(FIXTURES / "basic.esgz"))
+    whole = LayerIndex.build(toc.toc_json, format="estargz", compression="gzip", toc_offset=10**6)
+    monkeypatch.setattr(toc_module, "_WINDOW", 7)
+    for data in (toc.toc_json, (toc.toc_json[i : i + 1] for i in range(len(toc.toc_json)))):
+        split = LayerIndex.build(data, format="estargz", compression="gzip", toc_offset=10**6)
+        assert [(p, view(split, e)) for p, e in split.walk()] == [
+            (p, view(whole, e)) for p, e in whole.walk()
+        ]
+
+
+async def test_bad_toc_digest_leaves_no_cached_index(tmp_path: Any) -> None:
+    bad = {ANNOTATION_TOC_DIGEST: "sha256:" + "1" * 64}
+    with pytest.raises(DigestMismatchError, match="TOC"):
+        await load_index(FileSource(FIXTURES / "basic.esgz"), bad, cache_dir=tmp_path)
+    assert not [p for p in (tmp_path / "index").iterdir()]

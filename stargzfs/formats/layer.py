@@ -10,10 +10,9 @@ is read directly.
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -30,7 +29,9 @@ __all__ = [
     "ANNOTATION_ZSTD_MANIFEST_POSITION",
     "DEFAULT_TAIL_SIZE",
     "LayerToc",
+    "RawToc",
     "detect_format",
+    "fetch_toc",
     "read_toc",
 ]
 
@@ -76,18 +77,39 @@ async def detect_format(
     return detect_plain_format(head), None
 
 
-async def read_toc(
+@dataclass(frozen=True, slots=True)
+class RawToc:
+    """A located TOC, still compressed: decode it whole (:meth:`json`) or in pieces
+    (:meth:`pieces`, what the index builder uses so a huge TOC never sits in memory)."""
+
+    format: LayerFormat
+    footer: Footer
+    raw: bytes
+    what: str
+    head: bytes
+
+    def pieces(self) -> Iterator[bytes]:
+        """The uncompressed TOC JSON, a piece at a time (CPU work: run in a thread)."""
+        if self.format is LayerFormat.ESTARGZ:
+            return _gzip_toc_pieces(self.raw, self.what)
+        return _zstd_toc_pieces(self.raw, self.footer.toc_uncompressed_size, self.what)
+
+    def json(self) -> bytes:
+        return b"".join(self.pieces())
+
+
+async def fetch_toc(
     source: ByteSource,
     annotations: Mapping[str, str] | None = None,
     *,
     tail_size: int = DEFAULT_TAIL_SIZE,
     what: str = "layer",
-) -> LayerToc:
-    """Locate, fetch, decompress and verify the TOC of a lazy layer.
+) -> RawToc:
+    """Locate and fetch a lazy layer's compressed TOC: one tail read, at most one more.
 
     Raises :class:`NotLazyError` for plain gzip/zstd/tar layers, :class:`FormatError` for a
-    malformed footer or TOC, :class:`DigestMismatchError` when the TOC does not match the
-    ``containerd.io/snapshot/stargz/toc.digest`` annotation.
+    malformed footer, :class:`DigestMismatchError` when a zstd:chunked manifest checksum
+    annotation does not match.
     """
     annotations = annotations or {}
     size = source.size
@@ -108,67 +130,112 @@ async def read_toc(
         raw = prefix + tail[: toc_end - tail_start]
     else:
         raw = tail[footer.toc_offset - tail_start : toc_end - tail_start]
-    if footer.format is LayerFormat.ESTARGZ:
-        toc_json = await trio.to_thread.run_sync(_gzip_toc, raw, what)
-    else:
+    if footer.format is LayerFormat.ZSTD_CHUNKED:
         _check_zstd_checksum(raw, annotations, what)
-        toc_json = await trio.to_thread.run_sync(_zstd_toc, raw, footer.toc_uncompressed_size, what)
+    head = tail[:8] if tail_start == 0 else b""
+    return RawToc(footer.format, footer, raw, what, head)
+
+
+async def read_toc(
+    source: ByteSource,
+    annotations: Mapping[str, str] | None = None,
+    *,
+    tail_size: int = DEFAULT_TAIL_SIZE,
+    what: str = "layer",
+) -> LayerToc:
+    """Locate, fetch, decompress and verify the TOC of a lazy layer (held whole in memory;
+    the index builder streams it instead, see :func:`stargzfs.index.load_index`).
+
+    Raises as :func:`fetch_toc`, plus :class:`FormatError` for a malformed TOC and
+    :class:`DigestMismatchError` when the TOC does not match the
+    ``containerd.io/snapshot/stargz/toc.digest`` annotation.
+    """
+    annotations = annotations or {}
+    raw = await fetch_toc(source, annotations, tail_size=tail_size, what=what)
+    toc_json = await trio.to_thread.run_sync(raw.json)
     digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     expected = annotations.get(ANNOTATION_TOC_DIGEST)
     if expected is not None and expected != digest:
         raise DigestMismatchError(f"TOC of {what}", expected, digest)
     return LayerToc(
-        format=footer.format,
-        footer=footer,
+        format=raw.format,
+        footer=raw.footer,
         toc_json=toc_json,
         toc_digest=digest,
         verified=expected is not None,
-        head=tail[:8] if tail_start == 0 else b"",
+        head=raw.head,
     )
 
 
-def _gzip_toc(raw: bytes, what: str) -> bytes:
-    """The ``stargz.index.json`` file inside the TOC member's tar."""
+_PIECE = 1 << 20  # compressed bytes inflated per step
+
+
+def _gzip_toc_pieces(raw: bytes, what: str) -> Iterator[bytes]:
+    """Stream ``stargz.index.json`` out of the TOC member: a gzip'd tar with that one file."""
     d = zlib.decompressobj(wbits=31)
+    view = memoryview(raw)
+    pos = 0
+
+    def inflate_more() -> bytes:
+        nonlocal pos
+        while pos < len(view):
+            piece = view[pos : pos + _PIECE]
+            pos += len(piece)
+            try:
+                out = d.decompress(piece)
+            except zlib.error as e:
+                raise FormatError(f"TOC of {what}: corrupt gzip data: {e}") from None
+            if out or d.eof:
+                return out
+        return b""
+
+    header = b""
+    while len(header) < 512:
+        more = inflate_more()
+        if not more:
+            raise FormatError(f"TOC of {what}: gzip member is truncated")
+        header += more
     try:
-        tar_bytes = d.decompress(raw, MAX_TOC_SIZE + 4096)
-    except zlib.error as e:
-        raise FormatError(f"TOC of {what}: corrupt gzip data: {e}") from None
-    if not d.eof:
-        if d.unconsumed_tail:
-            raise FormatError(f"TOC of {what} is larger than {MAX_TOC_SIZE} bytes")
-        raise FormatError(f"TOC of {what}: gzip member is truncated")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-            member = tar.next()
-            if member is None or member.name != TOC_TAR_NAME or not member.isfile():
-                found = member.name if member else "nothing"
-                raise FormatError(f"TOC of {what}: expected {TOC_TAR_NAME}, found {found!r}")
-            f = tar.extractfile(member)
-            assert f is not None
-            data = f.read()
-            if len(data) != member.size:
-                raise FormatError(f"TOC of {what}: {TOC_TAR_NAME} is truncated")
-            return data
+        info = tarfile.TarInfo.frombuf(header[:512], "utf-8", "surrogateescape")
     except tarfile.TarError as e:
         raise FormatError(f"TOC of {what}: not a valid tar: {e}") from None
+    if info.name != TOC_TAR_NAME or not info.isfile():
+        raise FormatError(f"TOC of {what}: expected {TOC_TAR_NAME}, found {info.name!r}")
+    if info.size > MAX_TOC_SIZE:
+        raise FormatError(f"TOC of {what} is larger than {MAX_TOC_SIZE} bytes")
+    remaining = info.size
+    pending = header[512:]
+    while remaining:
+        if not pending:
+            pending = inflate_more()
+            if not pending:
+                raise FormatError(f"TOC of {what}: {TOC_TAR_NAME} is truncated")
+        take = pending[:remaining]
+        remaining -= len(take)
+        pending = pending[len(take) :]
+        yield take
+    while not d.eof:  # the rest is tar padding; the member must still be complete
+        if not inflate_more() and not d.eof:
+            raise FormatError(f"TOC of {what}: gzip member is truncated")
 
 
-def _zstd_toc(raw: bytes, uncompressed_size: int | None, what: str) -> bytes:
+def _zstd_toc_pieces(raw: bytes, uncompressed_size: int | None, what: str) -> Iterator[bytes]:
     import zstandard
 
     limit = uncompressed_size if uncompressed_size is not None else MAX_TOC_SIZE
     if limit > MAX_TOC_SIZE:
         raise FormatError(f"TOC of {what} claims {limit} bytes: too large")
+    total = 0
     try:
-        data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=limit)
+        for piece in zstandard.ZstdDecompressor().read_to_iter(raw, read_size=_PIECE):
+            total += len(piece)
+            if total > limit:
+                raise FormatError(f"TOC of {what} is larger than {limit} bytes")
+            yield piece
     except zstandard.ZstdError as e:
         raise FormatError(f"TOC of {what}: corrupt zstd data: {e}") from None
-    if uncompressed_size is not None and len(data) != uncompressed_size:
-        raise FormatError(
-            f"TOC of {what}: {len(data)} bytes, footer says {uncompressed_size}: corrupt"
-        )
-    return data
+    if uncompressed_size is not None and total != uncompressed_size:
+        raise FormatError(f"TOC of {what}: {total} bytes, footer says {uncompressed_size}: corrupt")
 
 
 def _check_zstd_checksum(raw: bytes, annotations: Mapping[str, str], what: str) -> None:

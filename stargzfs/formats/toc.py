@@ -11,7 +11,7 @@ import codecs
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import FormatError, UnsafePathError
@@ -102,27 +102,32 @@ class _Scanner:
     """Walks a JSON document held as bytes, decoding it to text one window at a time, so
     a TOC of hundreds of megabytes never exists as one giant str next to its bytes."""
 
-    def __init__(self, data: bytes | str) -> None:
+    def __init__(self, data: bytes | str | Iterable[bytes]) -> None:
         self.pos = 0
         self.base = 0  # characters dropped before ``text``, for error positions
+        self.text = ""
+        self.final = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         if isinstance(data, str):
             self.text, self.final = data, True
-            self._src = memoryview(b"")
+            self._pieces: Iterator[bytes] = iter(())
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            view = memoryview(data)
+            self._pieces = (bytes(view[i : i + _WINDOW]) for i in range(0, len(view), _WINDOW))
         else:
-            self.text, self.final = "", False
-            self._src = memoryview(data)
-            self._src_pos = 0
-            self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-            self._fill()
+            self._pieces = iter(data)
+        self._fill()
 
     def _fill(self) -> bool:
-        """Append the next window of input; False when there is none."""
+        """Append the next piece of input; False when there is none."""
         if self.final:
             return False
-        piece = self._src[self._src_pos : self._src_pos + _WINDOW]
-        self._src_pos += len(piece)
-        self.final = self._src_pos >= len(self._src)
-        new = self._decoder.decode(piece, final=self.final)
+        piece = next(self._pieces, None)
+        if piece is None:
+            self.final = True
+            new = self._decoder.decode(b"", final=True)
+        else:
+            new = self._decoder.decode(piece)
         self.base += self.pos
         self.text = self.text[self.pos :] + new
         self.pos = 0
@@ -171,7 +176,7 @@ class _Scanner:
         return self.peek() == ""
 
 
-def iter_toc_entries(data: bytes | str) -> Iterator[dict[str, Any]]:
+def iter_toc_entries(data: bytes | str | Iterable[bytes]) -> Iterator[dict[str, Any]]:
     """Yield the raw entry objects of a TOC document, one at a time, in order.
 
     Checks the document's shape (an object with ``version`` 1 and an ``entries`` array of

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import trio
 
-from ..formats.layer import ANNOTATION_TOC_DIGEST, read_toc
+from ..errors import DigestMismatchError
+from ..formats.layer import ANNOTATION_TOC_DIGEST, fetch_toc
 from ..source import ByteSource
 from .layer_index import ROOT_ID, Chunk, Entry, LayerIndex
 from .merged import MergedTree, Node
@@ -39,14 +41,30 @@ async def load_index(
                 return LayerIndex.open(path)
             except Exception:  # a damaged cache file is rebuilt, never trusted
                 os.unlink(path)
-    toc = await read_toc(source, annotations, what=what)
-    return await trio.to_thread.run_sync(
-        lambda: LayerIndex.build(
-            toc.toc_json,
-            format=toc.format.value,
-            compression=toc.format.compression,
-            toc_offset=toc.footer.toc_offset,
-            toc_digest=toc.toc_digest,
+    raw = await fetch_toc(source, annotations, what=what)
+    expected = annotations.get(ANNOTATION_TOC_DIGEST)
+    hasher = hashlib.sha256()
+
+    def pieces() -> Iterator[bytes]:
+        for piece in raw.pieces():
+            hasher.update(piece)
+            yield piece
+
+    def check() -> str:
+        # Verified before the index is committed: a bad TOC never reaches the cache.
+        digest = "sha256:" + hasher.hexdigest()
+        if expected is not None and digest != expected:
+            raise DigestMismatchError(f"TOC of {what}", expected, digest)
+        return digest
+
+    def build() -> LayerIndex:
+        return LayerIndex.build(
+            pieces(),
+            format=raw.format.value,
+            compression=raw.format.compression,
+            toc_offset=raw.footer.toc_offset,
             path=path,
+            check=check,
         )
-    )
+
+    return await trio.to_thread.run_sync(build)

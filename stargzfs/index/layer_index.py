@@ -25,7 +25,7 @@ import bisect
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,18 +152,22 @@ class LayerIndex:
     @classmethod
     def build(
         cls,
-        toc_json: str | bytes,
+        toc_json: str | bytes | Iterable[bytes],
         *,
         format: str,
         compression: str,
         toc_offset: int,
         toc_digest: str | None = None,
         path: str | os.PathLike[str] | None = None,
+        check: Callable[[], str] | None = None,
     ) -> LayerIndex:
         """Parse a TOC document into an index (in memory, or in a file at ``path``).
 
         A file is written under a temporary name and renamed into place, so concurrent
-        builders and readers never see a half-written index.
+        builders and readers never see a half-written index. ``toc_json`` may be an iterable
+        of byte pieces (the TOC streamed out of its compressed member); ``check`` then runs
+        once it is consumed, before anything is committed: it returns the TOC digest to
+        record, or raises (a digest mismatch) to abort.
         """
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
@@ -177,6 +181,8 @@ class LayerIndex:
             db.executescript(_SCHEMA)
             db.execute("BEGIN")
             _Builder(db, toc_offset).run(toc_json)
+            if check is not None:
+                toc_digest = check()
             meta: dict[str, Any] = {
                 "schema": SCHEMA_VERSION,
                 "format": format,
@@ -398,7 +404,7 @@ class _Builder:
         # Rows are streamed into one executemany; side rows wait here until it is done.
         self.implicit_rows: list[tuple[Any, ...]] = []
 
-    def run(self, text: bytes | str) -> None:
+    def run(self, text: bytes | str | Iterable[bytes]) -> None:
         self.db.executemany(
             "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, "
             "dev, xattrs, digest, offset, inner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
