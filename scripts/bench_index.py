@@ -7,7 +7,9 @@ multi-chunk files), then, in a fresh child process per measurement:
 
 * ``memory``: index built in memory (what ``stargzfs ls`` does without a cache dir);
 * ``file``: index built into a file in a cache dir (what the mount does the first time);
-* ``reopen``: the persisted index opened again (every later mount of the same layer).
+* ``reopen``: the persisted index opened again (every later mount of the same layer);
+* ``blob``: from an eStargz blob through ``load_index`` into a cache dir, TOC streamed out
+  of its gzip member (exactly what the mount does on first use).
 
 For each it prints load time and resident memory beyond what the process held with the
 raw TOC JSON in hand (the issue's budget: at most 200 bytes per entry), then lookup and
@@ -137,11 +139,66 @@ def make_toc(n: int, seed: int = 1) -> tuple[bytes, list[str]]:
     return json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode(), sample
 
 
+def write_blob(toc_path: str) -> None:
+    """A TOC-only eStargz blob (TOC member + footer) of the generated TOC, for "blob" mode."""
+    import gzip
+    import io
+    import re
+    import tarfile
+
+    from stargzfs.formats.footer import estargz_footer
+
+    with open(toc_path, "rb") as f:
+        data = f.read()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("stargz.index.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    # The TOC's payload offsets point below it: a sparse hole (nothing is ever read there).
+    toc_offset = max(int(m) for m in re.findall(rb'"offset":(\d+)', data)) + (1 << 20)
+    with open(toc_path + ".esgz", "wb") as f:
+        f.seek(toc_offset)
+        f.write(gzip.compress(buf.getvalue(), compresslevel=6, mtime=0))
+        f.write(estargz_footer(toc_offset))
+
+
 def child(mode: str, toc_path: str, cache: str, sample_path: str) -> None:
     from stargzfs.index.layer_index import LayerIndex
 
     index_path = os.path.join(cache, "bench.sqlite")
     toc_json = b""
+    if mode == "blob":
+        # What a mount does: footer, TOC fetched compressed, streamed into a cache file.
+        import trio
+
+        from stargzfs.index import load_index
+        from stargzfs.source import FileSource
+
+        base = rss_kib()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t0 = time.perf_counter()
+        source = FileSource(toc_path + ".esgz")
+        index = trio.run(lambda: load_index(source, {}, cache_dir=cache, blob_digest="sha256:x"))
+        load = time.perf_counter() - t0
+        print(
+            json.dumps(
+                {
+                    "mode": mode,
+                    "entries": index.entry_count,
+                    "load_s": load,
+                    "rss_base_kib": base,
+                    "rss_after_kib": rss_kib(),
+                    "peak_kib": rss_kib("VmHWM"),
+                    "toc_bytes": 0,
+                    "lookup_us": 0.0,
+                    "listdir_entries": 0,
+                    "listdir_s": 0.0,
+                }
+            )
+        )
+        return
     if mode != "reopen":
         with open(toc_path, "rb") as f:
             toc_json = f.read()
@@ -220,17 +277,24 @@ def main() -> None:
             f"{'mode':<8} {'load s':>7} {'RSS +MB':>8} {'B/entry':>8} {'peak +MB':>9} "
             f"{'µs/name':>8} {'index MB':>9}"
         )
-        for mode in ("memory", "file", "reopen"):
-            out = subprocess.run(
+        write_blob(toc_path)
+        for mode in ("memory", "file", "reopen", "blob"):
+            proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, toc_path, tmp, sample_path],
-                check=True,
                 capture_output=True,
                 text=True,
-            ).stdout
+            )
+            if proc.returncode != 0:
+                sys.exit(f"{mode}: child failed:\n{proc.stderr}")
+            out = proc.stdout
             r = json.loads(out)
             grow = (r["rss_after_kib"] - r["rss_base_kib"]) * 1024
             peak = (r["peak_kib"] - r["rss_base_kib"]) * 1024
-            size = os.path.getsize(os.path.join(tmp, "bench.sqlite")) if mode != "memory" else 0
+            size = (
+                os.path.getsize(os.path.join(tmp, "bench.sqlite"))
+                if mode in ("file", "reopen")
+                else 0
+            )
             print(
                 f"{mode:<8} {r['load_s']:>7.2f} {grow / 1e6:>8.1f} {grow / r['entries']:>8.0f} "
                 f"{peak / 1e6:>9.1f} {r['lookup_us']:>8.1f} {size / 1e6:>9.1f}"
