@@ -5,7 +5,32 @@ hashing use a core of their own, free of the extractor's GIL."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+
+
+class _Follow:
+    """Reads a file that is still being written, up to ``size`` bytes, waiting at its end.
+    Gives up when the parent process goes away (it kills us when the download fails)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size, self.pos = fd, size, 0
+        self.parent = os.getppid()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.pos
+        if left <= 0:
+            return b""
+        want = left if n < 0 else min(n, left)
+        while True:
+            data = os.read(self.fd, want)
+            if data:
+                self.pos += len(data)
+                return data
+            if os.getppid() != self.parent:
+                raise SystemExit(4)
+            time.sleep(0.005)
 
 
 def main() -> int:
@@ -18,7 +43,10 @@ def main() -> int:
         return 2
     out = sys.stdout.buffer
     try:
-        d = Decompressor(sys.stdin.buffer, compression, hash_output=True)  # type: ignore[arg-type]
+        source: object = sys.stdin.buffer
+        if len(sys.argv) > 2:  # a growing file of this final size
+            source = _Follow(sys.stdin.fileno(), int(sys.argv[2]))
+        d = Decompressor(source, compression, hash_output=True)  # type: ignore[arg-type]
         while data := d.read(1 << 20):
             out.write(data)
         out.flush()

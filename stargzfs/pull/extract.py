@@ -289,16 +289,25 @@ class ProcessDecompressor(io.RawIOBase):
     """Decompression (and hashing) in a child process (``stargzfs.pull._inflate``), fed by a
     thread: a core of its own, no GIL shared with the tar extraction."""
 
-    def __init__(self, raw: Any, compression: str, source_fd: int | None = None) -> None:
-        """``source_fd``: the complete compressed file (this takes it over), which the child
-        then reads itself (no feeding thread, two copies fewer); otherwise ``raw`` is fed
-        through a pipe."""
+    def __init__(
+        self,
+        raw: Any,
+        compression: str,
+        source_fd: int | None = None,
+        follow_size: int | None = None,
+    ) -> None:
+        """``source_fd``: the compressed file (this takes it over), which the child then
+        reads itself (no feeding thread, two copies fewer), following it as it grows up to
+        ``follow_size`` bytes if given; otherwise ``raw`` is fed through a pipe."""
         super().__init__()
         self._raw = raw
         self.hasher: _Digest | None = None
+        argv = [sys.executable, "-m", "stargzfs.pull._inflate", compression]
+        if follow_size is not None:
+            argv.append(str(follow_size))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "stargzfs.pull._inflate", compression],
+                argv,
                 stdin=source_fd if source_fd is not None else subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -369,6 +378,11 @@ class ProcessDecompressor(io.RawIOBase):
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+    def kill(self) -> None:
+        """Stop the child now (its source failed): the reader then sees the end."""
+        with contextlib.suppress(OSError):
+            self._proc.kill()
 
     def close(self) -> None:
         if self._proc.poll() is None:

@@ -62,6 +62,7 @@ class BlobDownload:
         self.error: BaseException | None = None
         self.cancelled = False
         self._cond = threading.Condition()
+        self._fail_hooks: list[Callable[[], None]] = []
 
     # -- producer side --------------------------------------------------------------------
     def started(self, path: Path, written: int) -> None:
@@ -89,12 +90,30 @@ class BlobDownload:
             if self.error is None:
                 self.error = error
             self._cond.notify_all()
+            hooks, self._fail_hooks = self._fail_hooks, []
+        for hook in hooks:
+            hook()
 
     def cancel(self) -> None:
         """Wake and stop readers (the pull is being torn down)."""
         with self._cond:
             self.cancelled = True
             self._cond.notify_all()
+            hooks, self._fail_hooks = self._fail_hooks, []
+        for hook in hooks:
+            hook()
+
+    def on_failure(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (once) if the download fails or is cancelled (now, if it has)."""
+        with self._cond:
+            if self.error is None and not self.cancelled:
+                self._fail_hooks.append(hook)
+                return
+        hook()
+
+    def forget_failure_hooks(self) -> None:
+        with self._cond:
+            self._fail_hooks = []
 
     # -- consumer side --------------------------------------------------------------------
     def _wait(self, pos: int, fd: int | None) -> tuple[int, int]:
@@ -118,6 +137,12 @@ class BlobDownload:
                 lambda: self.done or self.error is not None or self.cancelled, timeout
             )
             return self.error
+
+    def open_when_started(self) -> int:
+        """A read-only fd of the blob's file as soon as it exists (it may still be growing:
+        read at most ``size`` bytes, and see :meth:`wait_verified`)."""
+        fd, _ = self._wait(-1, None)
+        return fd
 
     def open_if_complete(self) -> int | None:
         """A read-only fd of the blob if every byte is on disk (maybe not verified yet: see

@@ -38,7 +38,13 @@ from ..image import (
 )
 from ..reference import Platform, Reference, parse_reference
 from .blob_cache import BlobCache, default_cache_dir
-from .extract import LayerApplier, open_decompressed
+from .extract import (
+    Decompressor,
+    LayerApplier,
+    ProcessDecompressor,
+    ThreadedDecompressor,
+    open_decompressed,
+)
 from .fetch import BlobDownload, FetchStats, fetch_blob
 from .layouts import ImageBlobs, write_dir, write_docker_archive, write_oci_layout
 from .progress import Progress, human_bytes
@@ -455,26 +461,32 @@ def _apply_layers(
             in_process = layer.size >= _PROCESS_INFLATE_MIN and compression != "none"
             try:
                 with dl.reader() as raw:
-                    stream = open_decompressed(
-                        raw,
-                        compression,
-                        hash_output=True,
-                        process=in_process,
-                        source_fd=dl.open_if_complete() if in_process else None,
-                    )
+                    stream: Decompressor | ThreadedDecompressor | ProcessDecompressor
+                    if in_process:
+                        # the child reads the file itself, following it as it downloads;
+                        # if the download fails it is killed, so the tar sees the end
+                        proc = ProcessDecompressor(
+                            None, compression, dl.open_when_started(), follow_size=layer.size
+                        )
+                        dl.on_failure(proc.kill)
+                        stream = proc
+                    else:
+                        stream = open_decompressed(raw, compression, hash_output=True)
                     try:
                         applier.apply(stream, what)
                         stream.drain()
                     finally:
+                        dl.forget_failure_hooks()
                         stream.close()
                     assert stream.hasher is not None
                     actual = "sha256:" + stream.hasher.hexdigest()
             except StargzfsError:
                 # Bytes that fail to parse may be bytes that fail their digest (a corrupt
-                # resume prefix, a tampered stream, a damaged cache file): let the check
-                # finish and report that, which also discards the bad blob.
+                # resume prefix, a tampered stream, a damaged cache file) or a download that
+                # failed: let the check finish and report that (which also discards a bad
+                # blob).
                 error = dl.wait_verified()
-                if isinstance(error, DigestMismatchError):
+                if error is not None and not dl.cancelled:
                     raise error from None
                 raise
             # A blob read straight from disk may still be being hashed: wait for the verdict.
