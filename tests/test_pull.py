@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 import zstandard
 from harness import Registry
 from harness.oci import LayerBlob, make_tar, write_oci_layout
@@ -806,3 +807,23 @@ async def test_registry_outage_is_exit_5_and_leaves_nothing(
             await pull(ref, tmp_path / "out", opts(tmp_path), client=client)
     assert info.value.exit_code == 5
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+async def test_corrupt_big_layer_followed_by_child_is_exit_6(
+    big_ref: tuple[str, LayerBlob],
+    registry: Registry,
+    registry_proxy: RegistryProxy,
+    tmp_path: Path,
+) -> None:
+    """A big gzip layer is decompressed by a child following the download; the tampered
+    byte breaks the gzip stream first, yet the digest mismatch is what gets reported."""
+    ref, blob = big_ref
+    registry_proxy.corrupt_blob(blob.digest, 3 << 20)
+    with trio.fail_after(60):
+        with pytest.raises(DigestMismatchError):
+            await pull(
+                ref.replace(registry.host, registry_proxy.host), tmp_path / "out", opts(tmp_path)
+            )
+    hexd = blob.digest.split(":")[1]
+    assert not list((tmp_path / "cache/blobs/sha256").glob(hexd + "*"))
+    assert not (tmp_path / "out").exists()
