@@ -827,3 +827,21 @@ async def test_corrupt_big_layer_followed_by_child_is_exit_6(
     hexd = blob.digest.split(":")[1]
     assert not list((tmp_path / "cache/blobs/sha256").glob(hexd + "*"))
     assert not (tmp_path / "out").exists()
+
+
+async def test_missing_layer_blob_fails_fast(
+    registry_factory: Callable[..., Registry], tmp_path: Path
+) -> None:
+    reg = registry_factory()
+    blobs = [layer(make_tar({"a": b"a" * 100})), layer(make_tar({"b": b"b" * 100}))]
+    ref = push(reg, tmp_path, "pull/missing", blobs)
+    for data in reg.data_dir.rglob("data"):
+        if data.parent.name == blobs[1].digest.split(":")[1]:
+            data.unlink()
+    fast = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)
+    async with RegistryClient(retry=fast) as client:
+        with trio.fail_after(10):
+            with pytest.raises((NotFoundError, RegistryError)) as info:
+                await pull(ref, tmp_path / "out", opts(tmp_path), client=client)
+    assert blobs[1].digest in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -355,6 +355,7 @@ async def _download_and_build(
     limiter = trio.CapacityLimiter(opts.jobs)
     abort = threading.Event()
     extracted = threading.Event()
+    thread_started = threading.Event()
 
     async def one(dl: BlobDownload) -> None:
         async with limiter:
@@ -366,7 +367,10 @@ async def _download_and_build(
             progress.tick()
 
     def extract() -> None:
+        thread_started.set()
         try:
+            if abort.is_set():
+                return
             img = images[0]
             _apply_layers(
                 staging,
@@ -397,7 +401,7 @@ async def _download_and_build(
         abort.set()
         for dl in downloads.values():
             dl.cancel()
-        if opts.format == "rootfs":
+        if opts.format == "rootfs" and thread_started.is_set():
             # the extractor stops at its next entry; wait for it before the staging is removed
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(extracted.wait, 30.0)
