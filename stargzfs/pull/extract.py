@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import importlib
 import io
 import logging
 import os
@@ -58,18 +59,17 @@ def gzip_backend() -> tuple[str, Any, tuple[type[Exception], ...]]:
     """The fastest inflater installed: ``isal`` (ISA-L, ~2.5x zlib), ``zlib-ng``, else
     ``zlib``. ``STARGZFS_GZIP=zlib|isal|zlib-ng`` forces one (benchmarks)."""
     wanted = os.environ.get("STARGZFS_GZIP", "")
+    module: Any
     if wanted in ("", "isal"):
         try:
-            from isal import isal_zlib
-
-            return "isal", isal_zlib, (isal_zlib.error, zlib.error)  # type: ignore[return-value]
+            module = importlib.import_module("isal.isal_zlib")
+            return "isal", module, (module.error, zlib.error)
         except ImportError:
             pass
     if wanted in ("", "zlib-ng", "isal"):
         try:
-            from zlib_ng import zlib_ng
-
-            return "zlib-ng", zlib_ng, (zlib_ng.error, zlib.error)  # type: ignore[return-value]
+            module = importlib.import_module("zlib_ng.zlib_ng")
+            return "zlib-ng", module, (module.error, zlib.error)
         except ImportError:
             pass
     return "zlib", zlib, (zlib.error,)

@@ -42,7 +42,6 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
 
-
 @dataclass(frozen=True)
 class Failure:
     """One failed attempt: what happened, for the final error message."""
