@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 
 import trio
 
+from .._groups import leaf_errors
 from ..errors import DigestMismatchError, StargzfsError, UsageError
 from ..image import (
     IMAGE_MEDIA_TYPES,
@@ -416,16 +417,7 @@ async def _download_and_build(
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The error to report from a nursery's group: a KeyboardInterrupt, else the first of
     ours (a failed download cancels its siblings, whose Cancelled is not the story)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
+    leaves = leaf_errors(group)
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
             return leaf

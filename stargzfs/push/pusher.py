@@ -14,6 +14,7 @@ from typing import TextIO
 
 import trio
 
+from .._groups import first_error
 from ..reference import Reference, Repository
 from ..registry import RegistryClient
 from .sources import LocalImage
@@ -88,15 +89,6 @@ class ProgressLine:
             print("\r\033[K", end="", file=self.out, flush=True)
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for e in group.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            return _first_error(e)
-        if not isinstance(e, trio.Cancelled):
-            return e
-    return group.exceptions[0]
-
-
 async def run_blob_jobs(
     uploader: Uploader,
     repo: Repository,
@@ -132,7 +124,7 @@ async def run_blob_jobs(
             for _ in range(min(max(1, parallel), len(todo))):
                 nursery.start_soon(worker)
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     return report
 
 

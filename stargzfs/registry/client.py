@@ -52,6 +52,7 @@ import httpx
 import trio
 
 from .. import __version__
+from .._groups import first_error
 from ..errors import (
     AuthError,
     DigestMismatchError,
@@ -231,23 +232,6 @@ def _registry_error(body: bytes) -> tuple[str | None, str]:
         msg = str(e.get("message", "")).strip()
         lines.append(f"{e.get('code', 'ERROR')}: {msg}" if msg else str(e.get("code", "ERROR")))
     return code, "; ".join(lines)[:500]
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    for leaf in leaves:
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
-    return leaves[0]
 
 
 async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
@@ -1106,7 +1090,7 @@ class RegistryClient:
                     for i in missing:
                         nursery.start_soon(one, i)
             except BaseExceptionGroup as group:
-                raise _first_error(group) from None
+                raise first_error(group) from None
         return [r if r is not None else b"" for r in results]
 
     async def _multi_once(
