@@ -121,3 +121,21 @@ async def test_sequential_reader_gets_read_ahead() -> None:
             break
         await trio.sleep(0.01)
     assert reader.fetches == 4 and len(source.reads) == 3
+
+
+def test_disk_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, memory_bytes=0, max_disk_bytes=10_000)
+    blobs = [os.urandom(3000) for _ in range(5)]
+    digests = [hashlib.sha256(b).digest() for b in blobs]
+    for i, (d, b) in enumerate(zip(digests, blobs, strict=True)):
+        cache.put(d, b)
+        os.utime(cache._path(d), (1000 + i, 1000 + i))  # a clear age order
+        if i == 2:
+            assert cache.get(digests[0]) == blobs[0]  # used: now the most recent
+            os.utime(cache._path(digests[0]), (5000, 5000))
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "chunks").rglob("*") if p.is_file())
+    assert on_disk <= 10_000
+    assert cache.stats.evicted >= 2
+    assert cache.get(digests[0]) == blobs[0]  # recently used: kept
+    assert cache.get(digests[1]) is None  # oldest unused: evicted
+    assert cache.get(digests[4]) == blobs[4]  # newest: kept

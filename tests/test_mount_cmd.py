@@ -229,3 +229,18 @@ def test_chroot_runs_a_dynamically_linked_program(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello from the image\n"
+
+
+def test_cache_size_bounds_the_disk_cache(registry: Registry, mnt: Path, tmp_path: Path) -> None:
+    files = {f"d/f{i}": os.urandom(200_000) for i in range(10)}
+    layer = estargz_layer(make_tar(files), chunk_size=65536)
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "bounded/c:v1")
+    cache = tmp_path / "cache"
+    args = ("mount", ref, str(mnt), "--cache-dir", str(cache), "--cache-size", "600K")
+    assert stargzfs(*args, "--no-prefetch").returncode == 0
+    for path, data in files.items():
+        assert (mnt / path).read_bytes() == data
+    chunks = [p for p in (cache / "chunks").rglob("*") if p.is_file()]
+    assert 0 < sum(p.stat().st_size for p in chunks) <= 600 * 1024
+    stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
+    assert stats["cache"]["evicted"] > 0

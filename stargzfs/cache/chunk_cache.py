@@ -5,6 +5,11 @@ images, and concurrent mounts can share one directory: a chunk file is written u
 temporary name and renamed into place (readers see all of it or nothing). A file read back
 from disk is verified again before use — the disk is outside our control — and a bad one is
 deleted and treated as a miss.
+
+With ``max_disk_bytes`` the disk store is bounded: when a write takes it over the limit, the
+least recently used chunk files (by mtime, refreshed on every hit) are deleted until it is
+at 90% of it. Several processes may share a directory; each keeps its own running total, so
+the bound is approximate, and a file evicted under another reader is just a miss for it.
 """
 
 from __future__ import annotations
@@ -28,15 +33,25 @@ class CacheStats:
     misses: int = 0
     stored: int = 0
     corrupt: int = 0
+    evicted: int = 0
 
 
 class ChunkCache:
     """Blocking API: call it from a worker thread when the disk may be touched."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None, *, memory_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None,
+        *,
+        memory_bytes: int = 64 << 20,
+        max_disk_bytes: int | None = None,
+    ):
         self.directory = os.path.join(os.fspath(directory), "chunks") if directory else None
+        self.max_disk_bytes = max_disk_bytes
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
+        self._disk_lock = threading.Lock()
+        self._disk_total: int | None = None  # bytes on disk, scanned on first need
         self.stats = CacheStats()
 
     def _path(self, digest: bytes) -> str:
@@ -100,6 +115,44 @@ class ChunkCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._account(len(data))
+
+    def _files(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every chunk file."""
+        assert self.directory is not None
+        out = []
+        for folder in os.scandir(self.directory):
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder.path):
+                if entry.name.startswith(".tmp-"):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = entry.stat()
+                    out.append((st.st_mtime, st.st_size, entry.path))
+        return out
+
+    def _account(self, added: int) -> None:
+        if self.max_disk_bytes is None:
+            return
+        with self._disk_lock:
+            if self._disk_total is None:
+                self._disk_total = sum(size for _, size, _ in self._files())
+            else:
+                self._disk_total += added
+            if self._disk_total <= self.max_disk_bytes:
+                return
+            files = sorted(self._files())
+            total = sum(size for _, size, _ in files)
+            target = self.max_disk_bytes * 9 // 10
+            for _, size, path in files:
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    self.stats.evicted += 1
+                total -= size
+            self._disk_total = total
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         if len(data) <= self._memory.maxsize:

@@ -17,6 +17,9 @@ from typing import Any
 
 from ..errors import StargzfsError, UsageError
 from .image_cmds import add_network_options
+from .layer_cmds import parse_size
+
+DEFAULT_CACHE_SIZE = 10 << 30
 
 _READY_FD_ENV = "STARGZFS_READY_FD"
 
@@ -37,6 +40,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--no-prefetch",
         action="store_true",
         help="do not fetch prioritized files in the background after mounting",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=DEFAULT_CACHE_SIZE,
+        metavar="SIZE",
+        help="bound the disk chunk cache, least recently used chunks go first (default 10G)",
     )
     p.add_argument(
         "--background-fetch",
@@ -129,7 +139,8 @@ async def _serve(args: argparse.Namespace) -> int:
             mirrors=args.mirror,
             insecure=args.insecure,
         ) as opened:
-            view = await opened.view(cache_dir=cache_dir, cache=ChunkCache(cache_dir))
+            cache = ChunkCache(cache_dir, max_disk_bytes=args.cache_size)
+            view = await opened.view(cache_dir=cache_dir, cache=cache)
             await serve(
                 view,
                 args.mountpoint,
