@@ -104,7 +104,10 @@ class ChunkReader:
             self.requests += 1
             return await read_chunk(self.source, self.index, chunk, what)
         while True:
-            data = await trio.to_thread.run_sync(self.cache.get, chunk.digest)
+            # Memory first, on the loop; only the disk tier is worth a thread hop.
+            data = self.cache.get_memory(chunk.digest)
+            if data is None and self.cache.directory is not None:
+                data = await trio.to_thread.run_sync(self.cache.get, chunk.digest)
             if data is not None:
                 return data
             event = self._inflight.get(_key(chunk))
@@ -112,7 +115,7 @@ class ChunkReader:
                 break
             await event.wait()  # someone else fetched it: look in the cache again
         await self._fetch_run([chunk], what)
-        data = self.cache.get_memory(chunk.digest)
+        data = self.cache.peek_memory(chunk.digest)
         if data is None:  # evicted at once (tiny memory cache): fetch for this reader only
             data = await read_chunk(self.source, self.index, chunk, what)
         return data
@@ -123,7 +126,7 @@ class ChunkReader:
         mine: list[tuple[Chunk, trio.Event]] = []
         for chunk in run:
             assert chunk.digest is not None
-            if _key(chunk) in self._inflight or self.cache.get_memory(chunk.digest) is not None:
+            if _key(chunk) in self._inflight or self.cache.peek_memory(chunk.digest) is not None:
                 continue
             event = self._inflight[_key(chunk)] = trio.Event()
             mine.append((chunk, event))

@@ -61,14 +61,25 @@ class ChunkCache:
 
     def has(self, digest: bytes) -> bool:
         """Whether the chunk is cached (memory, or a file on disk; not re-verified here)."""
-        if self.get_memory(digest) is not None:
-            return True
+        with self._lock:
+            if digest in self._memory:
+                return True
         return self.directory is not None and os.path.exists(self._path(digest))
+
+    def peek_memory(self, digest: bytes) -> bytes | None:
+        """The memory tier, without counting a hit or a miss (internal bookkeeping)."""
+        with self._lock:
+            return self._memory.get(digest)
 
     def get_memory(self, digest: bytes) -> bytes | None:
         """The memory tier only: never blocks, safe on the event loop."""
         with self._lock:
-            return self._memory.get(digest)
+            data = self._memory.get(digest)
+        if data is not None:
+            self.stats.memory_hits += 1
+        elif self.directory is None:
+            self.stats.misses += 1  # no other tier to look in
+        return data
 
     def get(self, digest: bytes) -> bytes | None:
         with self._lock:

@@ -29,6 +29,7 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _LAYER_SHIFT = 40
 CHILDREN_CACHE_ENTRIES = 500_000
+FILE_NODE_CACHE = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class MergedTree:
         self.root = Node(MERGED_ROOT_INO, top, self.layers[top].get(ROOT_ID), tuple(sources))
         self._dirs: dict[int, Node] = {MERGED_ROOT_INO: self.root}
         self._nlink: dict[int, int] = {}
+        # open() and getattr() of files come by inode: keep recent ones out of SQLite.
+        self._files: LRUCache[int, Node] = LRUCache(maxsize=FILE_NODE_CACHE)
         # Bounded by the number of entries held, not of directories.
         self._children: LRUCache[int, list[Node]] = LRUCache(
             maxsize=CHILDREN_CACHE_ENTRIES, getsizeof=lambda nodes: max(len(nodes), 1)
@@ -74,7 +77,7 @@ class MergedTree:
 
     def get(self, ino: int) -> Node:
         """The node of an inode number handed out earlier (by lookup/children)."""
-        node = self._dirs.get(ino)
+        node = self._dirs.get(ino) or self._files.get(ino)
         if node is not None:
             return node
         layer, row = (ino >> _LAYER_SHIFT) - 1, ino & ((1 << _LAYER_SHIFT) - 1)
@@ -88,7 +91,8 @@ class MergedTree:
             if found is None or found.ino != ino:
                 raise NotFoundError(f"no inode {ino}")
             return found
-        return Node(ino, layer, entry)
+        node = self._files[ino] = Node(ino, layer, entry)
+        return node
 
     # -- the overlay rules -------------------------------------------------------------
 
