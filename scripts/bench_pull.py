@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark ``stargzfs pull`` against ``skopeo copy`` + GNU tar, side by side, in one run.
 
-Builds an image from real software on this machine (by default three gzip layers: /usr/bin +
-/usr/sbin, /usr/lib/python3*, /usr/share/{locale,doc,perl}: a few hundred MB), writes it as an
-OCI layout, pushes it with skopeo to a local ``docker-registry`` (the tests' harness), then
+Uses the benchmark image of ``scripts/bench_image.py`` (a Debian bookworm minbase rootfs from
+debootstrap, python3 installed with apt in a chroot, a small app layer with a 100 MiB file;
+built once under ``--image-work`` and reused) as three plain gzip layers in an OCI layout,
+pushes it with skopeo to a local ``docker-registry`` (the tests' harness), then
 times, each in a fresh process:
 
 * ``stargzfs pull --format rootfs`` with a cold blob cache;
@@ -18,6 +19,7 @@ are in the page cache for every contender). Output trees go to ``--workdir`` (de
 /dev/shm, so the VM's disk isn't what gets measured).
 
 Usage: scripts/bench_pull.py [--repeat 2] [--jobs 4] [--workdir DIR] [--keep] [--link-mbit N]
+                             [--image-work DIR]
 
 With ``--link-mbit N`` every pull goes through a throttled TCP link (all connections share
 N Mbit/s), which is what makes the warm-cache repeat pull worth measuring.
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
-import hashlib
 import json
 import os
 import resource
@@ -44,106 +44,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))
 
-LAYER_SOURCES: list[list[str]] = [
-    ["/usr/bin", "/usr/sbin"],
-    sorted(glob.glob("/usr/lib/python3*"))[:2],
-    ["/usr/share/locale", "/usr/share/doc", "/usr/share/perl"],
-]
+def build_layout(root: Path, work: Path) -> tuple[Path, int, int, int]:
+    """The benchmark image of ``scripts/bench_image.py`` (Debian minbase, python3, a small app
+    with a 100 MiB file) as plain gzip layers in an OCI layout (tag v1); built once under
+    ``work`` and reused. Returns (layout, layers, compressed bytes, uncompressed bytes)."""
+    import bench_image as img
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def build_layout(root: Path) -> tuple[Path, int, int]:
-    """An OCI layout of LAYER_SOURCES (tag v1); returns (layout, compressed, uncompressed)."""
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    procs = []
-    for i, sources in enumerate(LAYER_SOURCES):
-        existing = [s.lstrip("/") for s in sources if os.path.exists(s)]
-        tar_path = root / f"layer{i}.tar"
-        procs.append(
-            (
-                tar_path,
-                subprocess.Popen(
-                    [
-                        "tar",
-                        "-C",
-                        "/",
-                        "--xattrs",
-                        "--numeric-owner",
-                        "-cf",
-                        str(tar_path),
-                        *existing,
-                    ],
-                    stderr=subprocess.DEVNULL,
-                ),
-            )
-        )
-    layers = []
-    comp_total = uncomp_total = 0
-    for tar_path, proc in procs:
-        proc.wait()
-        diff_id = sha256_file(tar_path)
-        uncomp_total += tar_path.stat().st_size
-        gz = tar_path.with_suffix(".tar.gz")
-        subprocess.run(["gzip", "-6", "-n", "-k", str(tar_path)], check=True)
-        digest = sha256_file(gz)
-        size = gz.stat().st_size
-        comp_total += size
-        os.rename(gz, blobs / digest.split(":")[1])
-        tar_path.unlink()
-        layers.append(
-            {
-                "desc": {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": digest,
-                    "size": size,
-                },
-                "diff_id": diff_id,
-            }
-        )
-
-    def put(data: bytes) -> dict[str, object]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": "sha256:" + digest, "size": len(data)}
-
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [lay["diff_id"] for lay in layers]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **put(config)},
-            "layers": [lay["desc"] for lay in layers],
-        }
-    ).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **put(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": "v1"},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    return root, comp_total, uncomp_total
+    tars = img.build_layer_tars(work)
+    blobs = [img.gzip_blob(work, name, tars[name]) for name in img.LAYER_NAMES]
+    img.write_oci_layout(root, blobs, "v1")
+    uncomp = sum(tars[name].stat().st_size for name in img.LAYER_NAMES)
+    return root, len(blobs), sum(b.size for b in blobs), uncomp
 
 
 def apply_whiteouts(root: Path) -> None:
@@ -335,6 +248,12 @@ def main() -> int:
         default=0,
         help="pull through a throttled link of this many Mbit/s (0: direct, loopback speed)",
     )
+    ap.add_argument(
+        "--image-work",
+        type=Path,
+        default=Path("/var/tmp/stargzfs-bench"),
+        help="where scripts/bench_image.py builds (and caches) the image",
+    )
     args = ap.parse_args()
 
     from harness import start_registry
@@ -343,10 +262,11 @@ def main() -> int:
     reg = start_registry("none", base_dir=work)
     try:
         t = time.perf_counter()
-        layout, comp, uncomp = build_layout(work / "layout")
-        ref = reg.push_oci(layout, "v1", "bench/usr:v1")
+        layout, nlayers, comp, uncomp = build_layout(work / "layout", args.image_work)
+        ref = reg.push_oci(layout, "v1", "bench/debian-python:v1")
         print(
-            f"image: {len(LAYER_SOURCES)} gzip layers, {comp / 1e6:.0f} MB compressed, "
+            f"image: Debian minbase + python3 + app, {nlayers} gzip layers, "
+            f"{comp / 1e6:.0f} MB compressed, "
             f"{uncomp / 1e6:.0f} MB uncompressed (built and pushed in "
             f"{time.perf_counter() - t:.1f}s); {os.cpu_count()} CPUs"
         )
@@ -403,6 +323,11 @@ def main() -> int:
         cold = results["stargzfs pull rootfs (cold cache)"][0]
         warm = results["stargzfs pull rootfs (warm cache)"][0]
         print(f"rootfs warm/cold speedup (wall): {cold / warm:.2f}x")
+        rootfs_ratio = base / cold
+        verdict = "MET" if rootfs_ratio >= 1.5 else "MISSED"
+        print(f"target rootfs pull >= 1.5x faster than skopeo+tar: {rootfs_ratio:.2f}x {verdict}")
+        verdict = "MET" if cold / warm >= 5 else "MISSED"
+        print(f"target warm repeat pull >= 5x faster than cold: {cold / warm:.2f}x {verdict}")
         oci_ratio = (
             results["skopeo copy oci (no extract)"][0]
             / results["stargzfs pull oci (cold cache)"][0]
