@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from .cache import ChunkCache
     from .registry import Credentials, RegistryClient
-    from .view import ImageView
+    from .view import ImageView, LayerView
 
 __all__ = ["LayerInfo", "OpenedImage", "open_image", "parse_oci_ref"]
 
@@ -117,36 +117,65 @@ class OpenedImage:
         """The merged filesystem. Plain gzip/zstd/tar layers (no TOC) are fetched whole,
         verified and kept as a local tar in ``cache_dir`` (a temporary directory without one),
         with a warning: they work, but not lazily."""
+        from .view import ImageView
+
+        layers = [await self.layer_view(i, cache_dir) for i in range(len(self.layers))]
+        return ImageView(layers, cache=cache)
+
+    async def layer_view(
+        self, position: int, cache_dir: str | os.PathLike[str] | None = None
+    ) -> LayerView:
+        """One layer's bytes and index, unmerged (what :meth:`view` stacks; ``ls --layer``)."""
         from .index import load_index
         from .index.plain_layer import open_plain_layer
-        from .view import ImageView, LayerView
+        from .view import LayerView
 
-        layers = []
-        for i, desc in enumerate(self.layers):
-            name = _layer_name(i, desc)
-            source = self.layer_source(desc)
-            try:
-                index = await load_index(
-                    source,
-                    desc.annotations,
-                    cache_dir=cache_dir,
-                    blob_digest=desc.digest,
-                    what=name,
+        desc = self.layers[position]
+        name = _layer_name(position, desc)
+        source = self.layer_source(desc)
+        try:
+            index = await load_index(
+                source,
+                desc.annotations,
+                cache_dir=cache_dir,
+                blob_digest=desc.digest,
+                what=name,
+            )
+            if desc.toc_digest is None and not self.allow_unverified:
+                index.close()
+                raise IntegrityError(
+                    f"{self.ref}: {name} has no TOC digest annotation, so its chunks "
+                    "cannot be verified (use --allow-unverified to mount it anyway)"
                 )
-                if desc.toc_digest is None and not self.allow_unverified:
-                    index.close()
-                    raise IntegrityError(
-                        f"{self.ref}: {name} has no TOC digest annotation, so its chunks "
-                        "cannot be verified (use --allow-unverified to mount it anyway)"
-                    )
-            except NotLazyError as e:
-                # The blob digest vouches for a plain layer: it is verified as it downloads.
-                log.warning("%s: %s; fetching it whole", self.ref, e)
-                tar_dir = cache_dir if cache_dir is not None else self._scratch_dir()
-                source, index = await open_plain_layer(source, desc.digest, tar_dir, name)
-                self._sources.append(source)
-            layers.append(LayerView(source, index, name))
-        return ImageView(layers, cache=cache)
+        except NotLazyError as e:
+            # The blob digest vouches for a plain layer: it is verified as it downloads.
+            log.warning("%s: %s; fetching it whole", self.ref, e)
+            tar_dir = cache_dir if cache_dir is not None else self._scratch_dir()
+            source, index = await open_plain_layer(source, desc.digest, tar_dir, name)
+            self._sources.append(source)
+        return LayerView(source, index, name)
+
+    def find_layer(self, spec: str) -> int:
+        """The position of the layer whose digest is ``spec`` or starts with it (the
+        ``sha256:`` may be left out). Unknown → :class:`NotFoundError` listing the digests;
+        a prefix of several → :class:`UsageError`."""
+        want = spec.strip().lower()
+        digests = [d.digest for d in self.layers]
+        matches = [
+            i
+            for i, d in enumerate(digests)
+            if want and (d.startswith(want) or d.partition(":")[2].startswith(want))
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(
+                f"{self.ref}: no layer {spec!r}; its layers are: {', '.join(digests)}"
+            )
+        raise UsageError(
+            f"{self.ref}: {spec!r} matches several layers: "
+            + ", ".join(digests[i] for i in matches)
+        )
 
     def _scratch_dir(self) -> str:
         if self._scratch is None:

@@ -259,3 +259,39 @@ def test_cat_subprocess(oci_layout: Path, fixtures_dir: Path) -> None:
     assert res.returncode == 0, res.stderr
     expected = {e["path"]: e for e in _merged(fixtures_dir)}["usr/bin/su"]["sha256"]
     assert hashlib.sha256(res.stdout).hexdigest() == expected
+
+
+UPPER = "sha256:5acfda559be13b26c49dd8cf32301a1c9b774ab78d75b6d0dec828b1baf1aae0"
+LOWER = "sha256:0ffa2fec3c500b308c2f5a54214d095314301a3c552a2a1e379b8c89fa65c694"
+
+
+def test_ls_one_layer(
+    image_ref: str, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    upper = json.loads((fixtures_dir / "whiteout-upper.json").read_text())
+    assert upper["blob_digest"] == UPPER
+    # The layer as its tar has it: whiteouts and the opaque marker are listed, nothing merged.
+    for spec in (UPPER, UPPER[:14], UPPER.removeprefix("sha256:")[:8]):
+        assert main(["ls", "-R", "--layer", spec, image_ref]) == 0
+        assert capsys.readouterr().out.splitlines() == [e["path"] for e in upper["entries"]]
+    assert main(["ls", "--layer", UPPER[:12], image_ref, "srv/www"]) == 0
+    assert capsys.readouterr().out.splitlines() == [".wh..wh..opq", "index.html"]
+    assert main(["ls", "--json", "--layer", LOWER[:12], image_ref, "/usr/bin/su"]) == 0
+    (rec,) = json.loads(capsys.readouterr().out)
+    assert (rec["path"], rec["layer"], rec["mode"]) == ("usr/bin/su", 0, 0o4755)
+    # In the merged tree the lower layer's /etc/hostname is whited out; in the layer it is not.
+    assert main(["ls", "--layer", LOWER[:12], image_ref, "etc/hostname"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["etc/hostname"]
+    assert main(["ls", image_ref, "etc/hostname"]) == 4
+    assert main(["ls", "--layer", UPPER[:12], image_ref, "usr"]) == 4
+
+
+def test_ls_unknown_layer_is_4_and_lists_layers(
+    image_ref: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ls", "--layer", "sha256:beef", image_ref]) == 4
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "sha256:beef" in err and LOWER in err and UPPER in err
+    assert main(["ls", "--layer", "sha256:", image_ref]) == 2  # a prefix of both: ambiguous
+    assert "several layers" in capsys.readouterr().err

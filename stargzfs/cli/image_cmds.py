@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..index import Node
+    from ..index import Entry, LayerIndex, Node
     from ..open_image import OpenedImage
     from ..view import ImageView
 
@@ -49,9 +49,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _common(p)
     p.set_defaults(func=cmd_layers)
 
-    p = sub.add_parser("ls", help="list files of an image (merged layers)")
+    p = sub.add_parser("ls", help="list files of an image (merged layers, or one layer)")
     _common(p)
     p.add_argument("path", metavar="PATH", nargs="?", default="/", help="default: /")
+    p.add_argument(
+        "--layer",
+        metavar="DIGEST",
+        help="list this layer alone, whiteout entries included (a digest prefix will do)",
+    )
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     p.add_argument("-R", dest="recursive", action="store_true", help="recursive")
     p.add_argument("-n", dest="numeric", action="store_true", help="numeric uid/gid")
@@ -162,9 +167,7 @@ def _mtime(ns: int | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M")
 
 
-def _node_record(view: ImageView, path: str, node: Node) -> dict[str, Any]:
-    e = node.entry
-    index = view.tree.layer_of(node)
+def _record(index: LayerIndex, path: str, e: Entry, layer: int) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "path": path,
         "type": e.kind,
@@ -175,13 +178,17 @@ def _node_record(view: ImageView, path: str, node: Node) -> dict[str, Any]:
         "gname": index.gname(e.gid),
         "size": e.size if e.kind in ("reg", "symlink") else 0,
         "mtime": None if e.mtime_ns is None else e.mtime_ns // 1_000_000_000,
-        "layer": node.layer,
+        "layer": layer,
     }
     if e.kind == "symlink":
         rec["linkname"] = e.linkname
     if e.kind in ("char", "block"):
         rec["dev"] = [e.devmajor, e.devminor]
     return rec
+
+
+def _node_record(view: ImageView, path: str, node: Node) -> dict[str, Any]:
+    return _record(view.tree.layer_of(node), path, node.entry, node.layer)
 
 
 def _long_line(rec: dict[str, Any], numeric: bool, show: str) -> str:
@@ -198,28 +205,63 @@ def _long_line(rec: dict[str, Any], numeric: bool, show: str) -> str:
     return line
 
 
+def _ls_paths(path: str) -> tuple[str, str]:
+    base = "/".join(p for p in path.split("/") if p and p != ".")
+    return base, base + "/" if base else ""
+
+
+async def _ls_merged(img: OpenedImage, args: argparse.Namespace) -> tuple[bool, list[Any]]:
+    view = await img.view(args.cache_dir)
+    top = view.resolve(args.path)
+    base, prefix = _ls_paths(args.path)
+    items: list[tuple[str, Node]]
+    if not top.is_dir:
+        items = [(base, top)]
+    elif args.recursive:
+        items = list(view.tree.walk(top, prefix))
+    else:
+        items = [(prefix + c.entry.name, c) for c in view.tree.children(top)]
+    return top.is_dir, [_node_record(view, p, n) for p, n in items]
+
+
+async def _ls_layer(img: OpenedImage, args: argparse.Namespace) -> tuple[bool, list[Any]]:
+    """One layer as its tar has it: no overlay rules, whiteout and opaque markers shown."""
+    from ..errors import NotFoundError
+
+    position = img.find_layer(args.layer)
+    index = (await img.layer_view(position, args.cache_dir)).index
+    base, prefix = _ls_paths(args.path)
+    top = None if ".." in base.split("/") else index.resolve(base)
+    if top is None:
+        raise NotFoundError(
+            f"{args.path}: no such file or directory in layer {position} "
+            f"({img.layers[position].digest})"
+        )
+    items: list[tuple[str, Entry]]
+    if not top.is_dir:
+        items = [(base, top)]
+    elif args.recursive:
+        items = list(index.walk(top.id, prefix))
+    else:
+        items = [(prefix + c.name, c) for c in index.children(top.id)]
+    return top.is_dir, [_record(index, p, e, position) for p, e in items]
+
+
 async def cmd_ls(args: argparse.Namespace) -> int:
     import json
 
     async with await _open(args) as img:
-        view = await img.view(args.cache_dir)
-        top = view.resolve(args.path)
-        base = "/".join(p for p in args.path.split("/") if p and p != ".")
-        prefix = base + "/" if base else ""
-        items: list[tuple[str, Node]]
-        if not top.is_dir:
-            items = [(base, top)]
-        elif args.recursive:
-            items = list(view.tree.walk(top, prefix))
+        if args.layer is not None:
+            is_dir, records = await _ls_layer(img, args)
         else:
-            items = [(prefix + c.entry.name, c) for c in view.tree.children(top)]
-        records = [_node_record(view, p, n) for p, n in items]
+            is_dir, records = await _ls_merged(img, args)
     if args.json:
         print(json.dumps(records, indent=1, ensure_ascii=False))
         return 0
+    _, prefix = _ls_paths(args.path)
     out = sys.stdout
     for rec in records:
-        show = rec["path"] if args.recursive or not top.is_dir else rec["path"][len(prefix) :]
+        show = rec["path"] if args.recursive or not is_dir else rec["path"][len(prefix) :]
         if args.long:
             out.write(_long_line(rec, args.numeric, show) + "\n")
         else:
