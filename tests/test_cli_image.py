@@ -295,3 +295,52 @@ def test_ls_unknown_layer_is_4_and_lists_layers(
     assert "sha256:beef" in err and LOWER in err and UPPER in err
     assert main(["ls", "--layer", "sha256:", image_ref]) == 2  # a prefix of both: ambiguous
     assert "several layers" in capsys.readouterr().err
+
+
+def test_get_several_paths_into_a_directory(
+    image_ref: str, fixtures_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = {e["path"]: e for e in _merged(fixtures_dir)}
+    dest = tmp_path / "out"
+    dest.mkdir()
+    argv = [
+        "get",
+        "--json",
+        image_ref,
+        "etc/passwd",
+        "/usr/share/doc/sizes",
+        "usr/bin/hi",
+        str(dest),
+    ]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["skipped"] == 0
+    assert [(c["path"], c["dest"], c["type"]) for c in doc["copied"]] == [
+        ("etc/passwd", str(dest / "passwd"), "reg"),
+        ("/usr/share/doc/sizes", str(dest / "sizes"), "dir"),
+        ("usr/bin/hi", str(dest / "hi"), "symlink"),
+    ]
+    assert sorted(os.listdir(dest)) == ["hi", "passwd", "sizes"]
+    digest = hashlib.sha256((dest / "passwd").read_bytes()).hexdigest()
+    assert digest == expected["etc/passwd"]["sha256"]
+    assert os.readlink(dest / "hi") == "hello"
+    sizes = sorted(p for p in expected if p.startswith("usr/share/doc/sizes/"))
+    assert sizes and sorted(os.listdir(dest / "sizes")) == [p.rsplit("/", 1)[1] for p in sizes]
+    for p in sizes:
+        data = (dest / "sizes" / p.rsplit("/", 1)[1]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == expected[p]["sha256"], p
+
+
+def test_get_several_paths_needs_a_directory(image_ref: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    assert main(["get", image_ref, "etc/passwd", "etc/group", str(missing)]) == 2
+    assert not missing.exists()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert main(["get", image_ref, "etc/passwd", "etc/group", str(afile)]) == 2
+    assert afile.read_text() == "x"
+    # Two sources with one name would overwrite each other: refused before anything is copied.
+    assert main(["get", image_ref, "etc/passwd", "etc/passwd", str(tmp_path)]) == 2
+    # A missing path is found out before anything is written.
+    assert main(["get", image_ref, "etc/passwd", "no/such", str(tmp_path)]) == 4
+    assert sorted(os.listdir(tmp_path)) == ["file"]

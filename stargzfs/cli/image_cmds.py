@@ -67,10 +67,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_cat)
 
-    p = sub.add_parser("get", help="copy a file or directory out of an image")
+    p = sub.add_parser("get", help="copy files or directories out of an image")
     _common(p)
-    p.add_argument("path", metavar="PATH")
-    p.add_argument("dest", metavar="DEST", help="file or directory to write")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image paths (files or directories)")
+    p.add_argument(
+        "dest",
+        metavar="DEST",
+        help="file or directory to write; with several PATHs, an existing directory",
+    )
     p.set_defaults(func=cmd_get)
 
 
@@ -352,29 +356,52 @@ async def _extract(view: ImageView, node: Node, target: str, dirs: list[tuple[No
     return 0
 
 
+def _image_parts(path: str) -> list[str]:
+    from ..errors import UsageError
+
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise UsageError(f"{path}: '..' is not allowed in an image path")
+    return parts
+
+
 async def cmd_get(args: argparse.Namespace) -> int:
+    """One PATH: a directory's contents go into DEST (created if need be), a file becomes
+    DEST, or DEST/NAME when DEST is a directory. Several PATHs: each becomes DEST/NAME (the
+    root's contents go into DEST), and DEST must be a directory."""
     import json
     import os
 
     from ..errors import UsageError
 
-    parts = [p for p in args.path.split("/") if p and p != "."]
-    if ".." in parts:
-        raise UsageError(f"{args.path}: '..' is not allowed in an image path")
+    dest = args.dest
+    several = len(args.paths) > 1
+    dest_is_dir = os.path.isdir(dest) and not os.path.islink(dest)
+    if several and not dest_is_dir:
+        raise UsageError(f"{dest}: not a directory (needed to copy several paths into)")
+    plan: list[tuple[str, list[str]]] = [(p, _image_parts(p)) for p in args.paths]
+    if several:
+        names = [parts[-1] for _, parts in plan if parts]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise UsageError(f"several paths would be copied to {os.path.join(dest, dup)}")
     async with await _open(args) as img:
         view = await img.view(args.cache_dir)
-        node = view.resolve(args.path)
-        dest = args.dest
-        if node.is_dir:
-            target = dest
-        elif os.path.isdir(dest) and not os.path.islink(dest):
-            target = os.path.join(dest, _safe_name(parts[-1]))
-        else:
-            target = dest
-        dirs: list[tuple[Node, str]] = []
-        skipped = await _extract(view, node, target, dirs)
-        for dnode, dpath in reversed(dirs):  # deepest first: modes may remove write access
-            _set_meta(dnode, dpath)
+        nodes = [view.resolve(path) for path, _ in plan]  # all found before anything is written
+        copied = []
+        skipped = 0
+        for (path, parts), node in zip(plan, nodes, strict=True):
+            if not parts or (node.is_dir and not several):
+                target = dest
+            elif several or dest_is_dir:
+                target = os.path.join(dest, _safe_name(parts[-1]))
+            else:
+                target = dest
+            dirs: list[tuple[Node, str]] = []
+            skipped += await _extract(view, node, target, dirs)
+            for dnode, dpath in reversed(dirs):  # deepest first: modes may remove write access
+                _set_meta(dnode, dpath)
+            copied.append({"path": path, "dest": target, "type": node.entry.kind})
     if args.json:
-        print(json.dumps({"path": args.path, "dest": target, "skipped": skipped}))
+        print(json.dumps({"copied": copied, "skipped": skipped}, indent=1))
     return 0
