@@ -344,3 +344,66 @@ def test_get_several_paths_needs_a_directory(image_ref: str, tmp_path: Path) -> 
     # A missing path is found out before anything is written.
     assert main(["get", image_ref, "etc/passwd", "no/such", str(tmp_path)]) == 4
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def _run_cli(*argv: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "stargzfs", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_os_errors_are_one_line_without_traceback(oci_layout: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ref = f"oci:{oci_layout}:v1"
+    for path in ("etc/passwd", "etc"):  # a file, then a directory, under a regular file
+        res = _run_cli("get", ref, path, str(blocker / "sub"))
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr
+        (line,) = res.stderr.splitlines()
+        assert line.startswith("stargzfs: error: ") and str(blocker / "sub") in line
+        assert "Not a directory" in line
+    assert blocker.read_text() == "x"
+    res = _run_cli("--debug", "get", ref, "etc/passwd", str(blocker / "sub"))
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_unexpected_exception_is_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    oci_layout: Path,
+) -> None:
+    from stargzfs.cli import image_cmds
+
+    async def broken(args: Any) -> int:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(image_cmds, "cmd_layers", broken)
+    assert main(["layers", f"oci:{oci_layout}"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("stargzfs: internal error: RuntimeError: boom second line")
+    assert "Traceback" not in caplog.text
+    assert main(["--debug", "layers", f"oci:{oci_layout}"]) == 1
+    assert "Traceback" in caplog.text  # (a subprocess would have it on stderr)
+
+
+def test_error_inside_an_exception_group_keeps_its_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], oci_layout: Path
+) -> None:
+    from stargzfs.cli import image_cmds
+    from stargzfs.errors import NotFoundError
+
+    async def grouped(args: Any) -> int:
+        raise ExceptionGroup("nursery", [NotFoundError("no such thing")])
+
+    monkeypatch.setattr(image_cmds, "cmd_layers", grouped)
+    assert main(["layers", f"oci:{oci_layout}"]) == 4
+    assert capsys.readouterr().err == "stargzfs: error: no such thing\n"

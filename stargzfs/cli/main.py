@@ -87,22 +87,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if inspect.iscoroutinefunction(func):
-            import trio
+        try:
+            if inspect.iscoroutinefunction(func):
+                import trio
 
-            return int(trio.run(func, args))
-        return int(func(args))
-    except StargzfsError as e:
-        if args.debug:
-            logging.exception("failed")
-        print(f"stargzfs: error: {e}", file=sys.stderr)
-        return e.exit_code
+                return int(trio.run(func, args))
+            return int(func(args))
+        except BaseExceptionGroup as group:  # from a nursery: report its one real error
+            from .._groups import first_error
+
+            error = first_error(group, prefer=(StargzfsError, KeyboardInterrupt, OSError))
+            if isinstance(error, Exception | KeyboardInterrupt):
+                raise error from group
+            raise
     except KeyboardInterrupt:
         print("stargzfs: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+    except Exception as e:
+        return _report(e, args.debug)
 
+
+def _report(e: Exception, debug: bool) -> int:
+    """One line on stderr (a traceback too with ``--debug``); returns the exit code."""
+    if isinstance(e, BrokenPipeError):
+        return 0  # the reader went away (``stargzfs cat ... | head``): not an error
+    if debug:
+        logging.exception("failed")
+    if isinstance(e, StargzfsError):
+        print(f"stargzfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if isinstance(e, OSError):
+        print(f"stargzfs: error: {_os_error(e)}", file=sys.stderr)
+        return 1
+    detail = " ".join(str(e).split()) or "(no message)"
+    hint = "" if debug else " (run with --debug for a traceback)"
+    print(f"stargzfs: internal error: {type(e).__name__}: {detail}{hint}", file=sys.stderr)
+    return 1
+
+
+def _os_error(e: OSError) -> str:
+    """``PATH: strerror`` (``PATH -> PATH2: strerror`` for renames and links)."""
+    what = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    if e.filename is None:
+        return what
+    where = str(e.filename)
+    if e.filename2 is not None:
+        where += f" -> {e.filename2}"
+    return f"{where}: {what}"
 
 if __name__ == "__main__":
     sys.exit(main())
