@@ -3,6 +3,7 @@ the layer applier's non-root behaviour, progress output, the blob cache."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from stargzfs.errors import FormatError
+from stargzfs.errors import FormatError, UnsafePathError
 from stargzfs.pull.blob_cache import BlobCache
 from stargzfs.pull.extract import LayerApplier, gzip_backend, open_decompressed
 from stargzfs.pull.progress import Progress
@@ -176,3 +177,158 @@ def test_every_gzip_backend_inflates_multi_member(
     finally:
         monkeypatch.delenv("STARGZFS_GZIP")
         gzip_backend.cache_clear()
+
+
+# --------------------------------------------------------------------------- symlinked parents
+
+Entry = tuple[str, str, str | bytes]  # (name, "dir" | "file" | "sym" | "link", target/data)
+
+
+def _layer(entries: list[Entry]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, arg in entries:
+            info = tarfile.TarInfo(name)
+            info.mode = 0o755
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "file":
+                data = arg.encode() if isinstance(arg, str) else arg
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                assert isinstance(arg, str)
+                info.linkname = arg
+                tar.addfile(info)
+    buf.seek(0)
+    return buf
+
+
+def _apply(root: Path, *layers: list[Entry]) -> None:
+    root.mkdir(exist_ok=True)
+    with LayerApplier(str(root), as_root=False) as applier:
+        for i, entries in enumerate(layers):
+            applier.apply(_layer(entries), f"layer {i}")
+        applier.finish()
+
+
+MERGED_USR: list[Entry] = [
+    ("usr", "dir", ""),
+    ("usr/lib", "dir", ""),
+    ("usr/lib/a.so", "file", "a"),
+]
+
+
+@pytest.mark.parametrize("target", ["usr/lib", "/usr/lib", "./usr//lib/", "usr/../usr/lib"])
+def test_write_through_symlinked_parent_lands_inside(tmp_path: Path, target: str) -> None:
+    """Debian's merged /usr: a later layer's ``lib/foo.so`` goes to ``usr/lib/foo.so``."""
+    root = tmp_path / "root"
+    _apply(
+        root,
+        [*MERGED_USR, ("lib", "sym", target)],
+        [
+            ("lib/foo.so", "file", "foo"),
+            ("lib/x86_64/bar.so", "file", "bar"),  # created below the link's directory
+            ("lib/sub", "dir", ""),
+            ("lib/sub/baz", "file", "baz"),
+            ("h", "link", "lib/foo.so"),  # a hardlink target through the link
+        ],
+    )
+    assert os.readlink(root / "lib") == target
+    assert (root / "usr/lib/foo.so").read_bytes() == b"foo"
+    assert (root / "usr/lib/x86_64/bar.so").read_bytes() == b"bar"
+    assert (root / "usr/lib/sub/baz").read_bytes() == b"baz"
+    assert oct((root / "usr/lib/sub").stat().st_mode & 0o7777) == oct(0o755)  # its metadata
+    assert (root / "h").stat().st_ino == (root / "usr/lib/foo.so").stat().st_ino
+    assert sorted(os.listdir(root)) == ["h", "lib", "usr"]
+
+
+def test_chain_of_symlinked_parents(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _apply(
+        root,
+        [
+            *MERGED_USR,
+            ("a", "sym", "b"),  # -> b -> /usr/lib64 -> (in usr/) ../usr/lib
+            ("b", "sym", "/usr/lib64"),
+            ("usr/lib64", "sym", "../usr/lib"),
+        ],
+        [("a/x", "file", "x"), ("a/y/z", "file", "z"), ("b/w", "file", "w")],
+    )
+    assert (root / "usr/lib/x").read_bytes() == b"x"
+    assert (root / "usr/lib/y/z").read_bytes() == b"z"
+    assert (root / "usr/lib/w").read_bytes() == b"w"
+    assert os.readlink(root / "a") == "b" and os.readlink(root / "usr/lib64") == "../usr/lib"
+
+
+def test_whiteouts_through_symlinked_parent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _apply(
+        root,
+        [*MERGED_USR, ("usr/lib/keep", "file", "k"), ("lib", "sym", "/usr/lib")],
+        [("lib/.wh.a.so", "file", "")],
+    )
+    assert sorted(os.listdir(root / "usr/lib")) == ["keep"]
+    assert os.readlink(root / "lib") == "/usr/lib"
+    # an opaque directory through the link hides the lower children, not this layer's own
+    _apply(root, [("lib/new", "file", "n"), ("lib/.wh..wh..opq", "file", "")])
+    assert sorted(os.listdir(root / "usr/lib")) == ["new"]
+
+
+def test_removed_directory_or_link_is_not_reached_through_a_stale_fd(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _apply(
+        root,
+        [*MERGED_USR, ("lib", "sym", "usr/lib"), ("lib/one", "file", "1")],
+        # the link's target directory is deleted and made again: lib/two goes in the new one
+        [("usr/.wh.lib", "file", ""), ("usr/lib", "dir", ""), ("lib/two", "file", "2")],
+        # the link itself is replaced by a directory: lib/three goes in it, not in usr/lib
+        [("lib", "dir", ""), ("lib/three", "file", "3")],
+    )
+    assert sorted(os.listdir(root / "usr/lib")) == ["two"]
+    assert not (root / "lib").is_symlink()
+    assert sorted(os.listdir(root / "lib")) == ["three"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "why"),
+    [
+        (  # climbs above the root
+            [("d/e", "dir", ""), ("d/e/esc", "sym", "../../.."), ("d/e/esc/victim", "file", "x")],
+            "leading outside the root",
+        ),
+        (  # the same, a link deeper in a chain, planted by the same layer
+            [
+                ("a", "sym", "usr/up"),
+                ("usr", "dir", ""),
+                ("usr/up", "sym", "../.."),
+                ("a/v", "file", "x"),
+            ],
+            "leading outside the root",
+        ),
+        ([("esc", "sym", "OUTSIDE"), ("esc/victim", "file", "x")], "does not lead to an existing"),
+        ([("a", "sym", "b"), ("b", "sym", "a"), ("a/x", "file", "x")], "symlink loop"),
+        ([("a", "sym", "a"), ("a/x", "file", "x")], "symlink loop"),
+        ([("f", "file", "x"), ("l", "sym", "f"), ("l/x", "file", "x")], "not a directory"),
+    ],
+)
+def test_unsafe_symlinked_parents_are_refused(
+    tmp_path: Path, entries: list[Entry], why: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"original")
+    entries = [(n, k, str(outside) if a == "OUTSIDE" else a) for n, k, a in entries]
+    with pytest.raises(UnsafePathError) as info:
+        # planted by an earlier layer, then written through
+        _apply(tmp_path / "root", entries[:-1], entries[-1:])
+    assert why in str(info.value) and repr(entries[-1][0]) in str(info.value)
+    assert "refusing" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["outside", "root"]
+    assert os.listdir(outside) == ["victim"] and (outside / "victim").read_bytes() == b"original"
+    # a whiteout through it hides nothing outside either
+    with pytest.raises(UnsafePathError) if "exist" not in why else contextlib.nullcontext():
+        _apply(tmp_path / "root", [(entries[-1][0].rsplit("/", 1)[0] + "/.wh.victim", "file", "")])
+    assert (outside / "victim").read_bytes() == b"original"

@@ -6,10 +6,12 @@ replaces whatever was below). eStargz's ``stargz.index.json`` and landmark files
 
 Safety (a hostile layer must not escape the root): every name is cleaned and rejected when
 absolute, with ``..`` or with NUL (:func:`~stargzfs.formats.toc.clean_name`); every path is
-walked from a directory fd of the root one component at a time with ``O_NOFOLLOW``, so a
-symlink in a parent position (planted by this or an earlier layer) is an error, never
-followed; files are created with ``O_EXCL|O_NOFOLLOW`` relative to their parent's fd;
-hardlinks must point at an existing non-directory inside the root. Errors name the entry.
+walked from a directory fd of the root one component at a time with ``O_NOFOLLOW``; a
+symlink in a parent position (Debian's merged ``/usr``: ``lib -> usr/lib``) is resolved by
+hand as if the root were ``/`` (like containerd), and refused when it leads above the root,
+loops, or to no existing directory; the entry itself is never followed: files are created
+with ``O_EXCL|O_NOFOLLOW`` relative to their parent's fd; hardlinks must point at an
+existing non-directory inside the root. Errors name the entry.
 
 Directory metadata (mode, owner, times) is applied once at the end, deepest first, so
 creating children doesn't disturb it and a read-only directory doesn't block its children.
@@ -49,6 +51,8 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
 _COPY_BLOCK = 1024 * 1024
 _XATTR_PREFIXES = ("SCHILY.xattr.",)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINK_HOPS = 40  # symlinks followed in one parent walk (Linux's limit too)
 
 
 # --------------------------------------------------------------------------- decompression
@@ -446,8 +450,10 @@ class LayerApplier:
     def __init__(self, root: str, *, as_root: bool | None = None) -> None:
         self.root = root
         self.as_root = os.geteuid() == 0 if as_root is None else as_root
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        self._dir_fds: dict[str, int] = {}
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        self._dir_fds: dict[str, int] = {}  # real path -> fd (see "directory walking")
+        self._aliases: dict[str, str] = {}  # parent path as written -> its real path
+        self._retired: list[int] = []
         self.stats = ApplyStats()
         self._layer_paths: set[str] = set()
         self._what = ""
@@ -466,74 +472,176 @@ class LayerApplier:
         self.close()
 
     # -- directory walking -----------------------------------------------------------------
+    #
+    # ``_dir_fds`` maps a *real* path (relative to the root, no symlink in it) to an open fd
+    # of that directory; ``_aliases`` maps a parent path as written, when it went through a
+    # symlink, to its real path. Every prefix of a cached real path is cached too (entries
+    # are only ever added by walking and all dropped together). Removing a directory or a
+    # symlink invalidates everything (aliases included): the fds are retired, not closed,
+    # since the caller may still hold one as its parent fd; they are closed at the next entry.
     def _drop_dir_fds(self) -> None:
-        for fd in self._dir_fds.values():
-            os.close(fd)
-        self._dir_fds.clear()
+        self._invalidate_dir_fds()
+        self._close_retired()
 
-    def _parent_fd(self, parents: list[str], entry: str, *, create: bool) -> int:
-        """An fd of the directory ``parents`` under the root, creating missing ones (implicit
-        directories, mode 0755) when ``create``; never through a symlink."""
-        if not parents:
-            return self.root_fd
-        key = "/".join(parents)
-        fd = self._dir_fds.get(key)
-        if fd is not None:
-            return fd
+    def _invalidate_dir_fds(self) -> None:
+        self._retired.extend(self._dir_fds.values())
+        self._dir_fds.clear()
+        self._aliases.clear()
+
+    def _close_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
+
+    def _cached_fd(self, real: str) -> int | None:
+        return self.root_fd if real == "" else self._dir_fds.get(real)
+
+    def _real_fd(self, parts: list[str]) -> int:
+        """The fd of a real path (one without symlinks, e.g. after a ``..``)."""
         fd = self.root_fd
-        walked: list[str] = []
-        for part in parents:
-            walked.append(part)
-            sub = "/".join(walked)
-            cached = self._dir_fds.get(sub)
-            if cached is not None:
-                fd = cached
-                continue
-            try:
-                new = os.open(
-                    part,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=fd,
-                )
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(part, 0o755, dir_fd=fd)
-                self._layer_paths.add(sub)
-                new = os.open(
-                    part,
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=fd,
-                )
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    kind = "a symlink" if _is_symlink(part, fd) else "not a directory"
-                    raise UnsafePathError(
-                        f"{self._what}: entry {entry!r}: parent {sub!r} is {kind}; "
-                        "refusing to write through it"
-                    ) from None
-                raise
-            self._dir_fds[sub] = new
-            fd = new
+        for i, part in enumerate(parts):
+            here = "/".join(parts[: i + 1])
+            cached = self._dir_fds.get(here)
+            if cached is None:
+                cached = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                self._dir_fds[here] = cached
+            fd = cached
         return fd
+
+    def _parent_fd(
+        self, parents: list[str], entry: str, *, create: bool, label: str = "parent"
+    ) -> int:
+        return self._parent(parents, entry, create=create, label=label)[0]
+
+    def _parent(
+        self, parents: list[str], entry: str, *, create: bool, label: str = "parent"
+    ) -> tuple[int, str]:
+        """An fd of the directory ``parents`` under the root, and its real path (relative to
+        the root, symlinks resolved), creating missing directories (implicit, mode 0755) when
+        ``create``.
+
+        A symlink in a parent position is resolved as in a chroot (like containerd's
+        ``fs.RootPath``): an absolute target from the root, a relative one from the link's
+        directory, at most 40 links per walk. It is refused (:class:`UnsafePathError`) when
+        its target climbs above the root, loops, or (when ``create``) does not lead to an
+        existing directory: no directory is ever created through a symlink, so a link to a
+        host path (``/home/me``) is refused unless the root has that directory. Every open
+        is ``O_NOFOLLOW`` relative to a directory fd reached from the root fd; links are read
+        with ``readlink`` and walked by hand, so nothing outside the root is ever opened.
+        Missing: :class:`FileNotFoundError` when not ``create``."""
+        if not parents:
+            return self.root_fd, ""
+        key = "/".join(parents)
+        real = self._aliases.get(key, key)
+        fd = self._cached_fd(real)
+        if fd is not None:
+            return fd, real
+        start, fd, real_parts = 0, self.root_fd, []
+        for i in range(len(parents) - 1, 0, -1):
+            sub = "/".join(parents[:i])
+            real = self._aliases.get(sub, sub)
+            cached = self._cached_fd(real)
+            if cached is not None:
+                start, fd, real_parts = i, cached, real.split("/") if real else []
+                break
+        hops = 0
+        for i in range(start, len(parents)):
+            sub = "/".join(parents[: i + 1])
+            # what is left to walk for this written component, last first: a link's target
+            # components are pushed onto it as they are met
+            pending = [parents[i]]
+            link: tuple[str, str] | None = None  # the last link followed: (path, target)
+
+            while pending:
+                part = pending.pop()
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if not real_parts:
+                        raise self._refusal(
+                            entry, label, sub, f"{_via(link)} leading outside the root"
+                        )
+                    real_parts.pop()
+                    fd = self._real_fd(real_parts)
+                    continue
+                here = "/".join([*real_parts, part])
+                cached = self._dir_fds.get(here)
+                if cached is not None:
+                    real_parts.append(part)
+                    fd = cached
+                    continue
+                try:
+                    new = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if link is not None and create:
+                        raise self._refusal(
+                            entry,
+                            label,
+                            sub,
+                            f"{_via(link)} that does not lead to an existing directory in the root",
+                        ) from None
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    self._layer_paths.add(here)
+                    new = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    target = _readlink(part, fd)
+                    if target is None:
+                        if here == sub:
+                            raise self._refusal(entry, label, sub, "is not a directory") from None
+                        raise self._refusal(
+                            entry, label, sub, f"leads to {here!r}, which is not a directory"
+                        ) from None
+                    hops += 1
+                    if hops > _MAX_LINK_HOPS:
+                        raise self._refusal(
+                            entry,
+                            label,
+                            sub,
+                            f"has too many levels of symbolic links (more than "
+                            f"{_MAX_LINK_HOPS}: a symlink loop?), the last {here!r} -> "
+                            f"{target!r}",
+                        ) from None
+                    link = (here, target)
+                    if target.startswith("/"):
+                        real_parts.clear()
+                        fd = self.root_fd
+                    pending.extend(reversed(target.split("/")))
+                    continue
+                self._dir_fds[here] = new
+                real_parts.append(part)
+                fd = new
+            real = "/".join(real_parts)
+            if real != sub:
+                self._aliases[sub] = real
+        return fd, "/".join(real_parts)
+
+    def _refusal(self, entry: str, label: str, sub: str, why: str) -> UnsafePathError:
+        return UnsafePathError(
+            f"{self._what}: entry {entry!r}: {label} {sub!r} {why}; refusing to write through it"
+        )
 
     # -- removal ---------------------------------------------------------------------------
     def _remove(self, pfd: int, base: str, path: str) -> bool:
-        """Remove ``base`` under ``pfd`` (a directory recursively, without following links).
-        True if something was there."""
+        """Remove ``base`` under ``pfd`` (a directory recursively, without following links);
+        ``path``: its real path. True if something was there."""
         try:
             st = os.lstat(base, dir_fd=pfd)
         except FileNotFoundError:
             return False
         if stat.S_ISDIR(st.st_mode):
-            prefix = path + "/"
-            for key in [k for k in self._dir_fds if k == path or k.startswith(prefix)]:
-                os.close(self._dir_fds.pop(key))
+            self._invalidate_dir_fds()  # cached fds of it or below, under any alias
             shutil.rmtree(base, dir_fd=pfd)
+            prefix = path + "/"
             for key in [k for k in self.stats.dir_meta if k == path or k.startswith(prefix)]:
                 del self.stats.dir_meta[key]
         else:
             os.unlink(base, dir_fd=pfd)
+            if stat.S_ISLNK(st.st_mode):
+                self._invalidate_dir_fds()  # paths through it resolve differently now
         return True
 
     # -- layers ----------------------------------------------------------------------------
@@ -576,6 +684,7 @@ class LayerApplier:
                     m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime)
                 )
             return
+        self._close_retired()
         if len(self._dir_fds) > 256:
             self._drop_dir_fds()
         self.stats.entries += 1
@@ -585,13 +694,14 @@ class LayerApplier:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parents, base, name)
             return
-        pfd = self._parent_fd(parents, name, create=True)
+        pfd, real_parent = self._parent(parents, name, create=True)
+        path = f"{real_parent}/{base}" if real_parent else base  # the entry's real path
         if m.isdir():
-            self._dir(pfd, base, name, m)
+            self._dir(pfd, base, name, path, m)
         else:
             existing = self._exists(pfd, base)
             if existing is not None:
-                self._remove(pfd, base, name)
+                self._remove(pfd, base, path)
             if m.isreg():
                 self._file(tar, pfd, base, name, m)
             elif m.issym():
@@ -604,7 +714,7 @@ class LayerApplier:
                 raise FormatError(
                     f"{self._what}: entry {name!r} has unsupported tar type {m.type!r}"
                 )
-        self._layer_paths.add(name)
+        self._layer_paths.add(path)
 
     @staticmethod
     def _exists(pfd: int, base: str) -> os.stat_result | None:
@@ -616,10 +726,9 @@ class LayerApplier:
     def _whiteout(self, parents: list[str], base: str, name: str) -> None:
         self.stats.whiteouts += 1
         try:
-            pfd = self._parent_fd(parents, name, create=False)
+            pfd, dir_path = self._parent(parents, name, create=False)
         except FileNotFoundError:
             return  # nothing below to hide
-        dir_path = "/".join(parents)
         if base == OPAQUE:
             prefix = dir_path + "/" if dir_path else ""
             for child in os.listdir(pfd):
@@ -633,20 +742,18 @@ class LayerApplier:
         if path not in self._layer_paths:
             self._remove(pfd, target, path)
 
-    def _dir(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+    def _dir(self, pfd: int, base: str, name: str, path: str, m: tarfile.TarInfo) -> None:
         st = self._exists(pfd, base)
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            self._remove(pfd, base, name)
+            self._remove(pfd, base, path)
             st = None
         if st is None:
             os.mkdir(base, 0o700, dir_fd=pfd)
-        self.stats.dir_meta[name] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime))
+        self.stats.dir_meta[path] = _DirMeta(m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime))
         # xattrs on directories: apply now (they don't change with children)
         xattrs = _xattrs(m)
         if xattrs:
-            fd = os.open(
-                base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
-            )
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             try:
                 self._set_xattrs(fd, name, xattrs)
             finally:
@@ -704,7 +811,7 @@ class LayerApplier:
             raise UnsafePathError(f"{self._what}: hardlink {name!r} points at the root")
         tparents, tbase = _split(target)
         try:
-            tfd = self._parent_fd(tparents, name, create=False)
+            tfd = self._parent_fd(tparents, name, create=False, label="target's parent")
             st = os.lstat(tbase, dir_fd=tfd)
         except FileNotFoundError:
             raise FormatError(
@@ -754,9 +861,7 @@ class LayerApplier:
             parents, base = _split(path)
             try:
                 pfd = self._parent_fd(parents, path, create=False)
-                fd = os.open(
-                    base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd
-                )
+                fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
             except (FileNotFoundError, UnsafePathError):
                 continue
             try:
@@ -777,11 +882,17 @@ class LayerApplier:
             os.utime(self.root_fd, ns=(root_meta.mtime_ns, root_meta.mtime_ns))
 
 
-def _is_symlink(part: str, dir_fd: int) -> bool:
+def _readlink(part: str, dir_fd: int) -> str | None:
+    """The target of the symlink ``part`` in ``dir_fd``, None if it is not a symlink."""
     try:
-        return stat.S_ISLNK(os.lstat(part, dir_fd=dir_fd).st_mode)
+        return os.readlink(part, dir_fd=dir_fd)
     except OSError:
-        return False
+        return None
+
+
+def _via(link: tuple[str, str] | None) -> str:
+    assert link is not None  # only a link's target can have ".." or lead somewhere missing
+    return f"is a symlink ({link[0]!r} -> {link[1]!r})"
 
 
 def _mtime_ns(mtime: float | int) -> int:
