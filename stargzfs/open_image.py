@@ -65,6 +65,7 @@ class OpenedImage:
     manifest: Manifest
     config: ImageConfig
     index_digest: str | None = None
+    index: Index | None = None  # the index the manifest was chosen from, if any
     client: RegistryClient | None = None
     layout_dir: str | None = None
     repo: Any = None  # registry Repository, when from a registry
@@ -261,10 +262,11 @@ def _open_layout(text: str, platform: Platform | None) -> OpenedImage:
         if not candidates:
             names = sorted({d.ref_name for d in top.manifests if d.ref_name}) or ["none"]
             raise NotFoundError(f"{layout}: no image tagged {tag!r} (tags: {', '.join(names)})")
+    index: Index | None = None
     if len(candidates) != 1:
         # Several entries (no tag given, or a tag on several): choose by platform.
-        sub = Index(top.media_type, tuple(candidates), top.annotations)
-        desc = select_platform(sub, platform or Platform.host(), text)
+        index = Index(top.media_type, tuple(candidates), top.annotations)
+        desc = select_platform(index, platform or Platform.host(), text)
     else:
         desc = candidates[0]
     index_digest: str | None = None
@@ -276,8 +278,8 @@ def _open_layout(text: str, platform: Platform | None) -> OpenedImage:
         depth += 1
         if depth > _MAX_INDEX_DEPTH:
             raise FormatError(f"{text}: indexes nested more than {_MAX_INDEX_DEPTH} deep")
-        if index_digest is None:
-            index_digest = desc.digest
+        if index_digest is None:  # the first real index (rather than index.json's entries)
+            index, index_digest = doc, desc.digest
         desc = select_platform(doc, platform or Platform.host(), text)
     config = parse_config(_read_blob(layout, doc.config, MAX_CONFIG_SIZE))
     return OpenedImage(
@@ -286,6 +288,7 @@ def _open_layout(text: str, platform: Platform | None) -> OpenedImage:
         manifest=doc,
         config=config,
         index_digest=index_digest,
+        index=index,
         layout_dir=layout,
     )
 
@@ -334,6 +337,7 @@ async def open_image(
             manifest=resolved.manifest,
             config=resolved.config,
             index_digest=resolved.index_digest,
+            index=resolved.index,
             client=client,
             repo=parsed.repo,
         )

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Registry
+from harness.oci import OCI_CONFIG, OCI_MANIFEST, estargz_layer, make_tar
+
+from stargzfs.reference import Platform
 
 pytestmark = pytest.mark.registry
 
@@ -39,6 +44,7 @@ def test_inspect_registry_and_layout(fixture_image: str, oci_layout: Path) -> No
         assert doc["platform"].startswith("linux/amd64")
         assert [layer["format"] for layer in doc["layers"]] == ["estargz", "estargz"]
         assert all(layer["verified"] for layer in doc["layers"])
+        assert doc["platforms"] is None  # a plain manifest: no index
         human = run("inspect", ref)
         assert "Layers:" in human.stdout and "estargz (lazy, verified)" in human.stdout
 
@@ -52,6 +58,82 @@ def test_tags_and_catalog(registry: Registry, oci_layout: Path) -> None:
     cat = run("catalog", registry.host)
     assert "tagged/repo" in cat.stdout.split()
     assert run("tags", f"{registry.host}/no/such").returncode == 4
+
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+PLATFORMS = (("amd64", ""), ("arm64", "v8"))
+
+
+def _multi_platform_layout(root: Path) -> tuple[Path, dict[str, str]]:
+    """An OCI layout whose tag v1 is an index of two eStargz images (linux/amd64 and
+    linux/arm64/v8); returns it and each platform's manifest digest by platform name."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    entries, digests = [], {}
+    for arch, variant in PLATFORMS:
+        layer = estargz_layer(make_tar({"arch.txt": arch.encode()}))
+        platform = {
+            "architecture": arch,
+            "os": "linux",
+            **({"variant": variant} if variant else {}),
+        }
+        config = json.dumps({**platform, "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}})
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, **put(config.encode())},
+                "layers": [
+                    {
+                        "mediaType": layer.media_type,
+                        **put(layer.data),
+                        "annotations": layer.annotations,
+                    }
+                ],
+            }
+        ).encode()
+        desc = {"mediaType": OCI_MANIFEST, **put(manifest), "platform": platform}
+        entries.append(desc)
+        # Keyed as stargzfs shows platforms: normalized like containerd (arm64/v8 → arm64).
+        digests[str(Platform.parse("/".join(p for p in ("linux", arch, variant) if p)))] = desc[
+            "digest"
+        ]
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+    top = {
+        "mediaType": OCI_INDEX,
+        **put(index.encode()),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"},
+    }
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return root, digests
+
+
+def test_inspect_index_lists_its_platforms(registry: Registry, tmp_path: Path) -> None:
+    layout, digests = _multi_platform_layout(tmp_path / "multi")
+    ref = registry.ref("inspect/multi:v1")
+    pushed = run("push", f"oci:{layout}:v1", ref)
+    assert pushed.returncode == 0, pushed.stderr
+    for image in (ref, f"oci:{layout}:v1"):
+        out = run("inspect", "--json", "--platform", "linux/arm64", image)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["index_digest"].startswith("sha256:")
+        assert doc["digest"] == digests["linux/arm64"]
+        assert [(p["platform"], p["digest"]) for p in doc["platforms"]] == list(digests.items())
+        assert all(p["media_type"] == OCI_MANIFEST for p in doc["platforms"])
+        human = run("inspect", "--platform", "linux/amd64", image)
+        assert human.returncode == 0, human.stderr
+        lines = human.stdout.splitlines()
+        assert "Platforms:  2 in the index" in lines
+        assert f"  linux/amd64  {digests['linux/amd64']}  (this one)" in lines
+        assert f"  linux/arm64  {digests['linux/arm64']}" in lines
 
 
 @pytest.mark.parametrize("kind", ["registry_basic", "registry_token"])

@@ -7,10 +7,13 @@ import argparse
 import getpass
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from .image_cmds import _common, _open, layer_rows
+
+if TYPE_CHECKING:
+    from ..open_image import OpenedImage
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -54,6 +57,7 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
             "entrypoint": list(cfg.entrypoint) if cfg.entrypoint else None,
             "cmd": list(cfg.cmd) if cfg.cmd else None,
             "labels": dict(cfg.labels),
+            "platforms": _index_platforms(img),
             "layers": layers,
         }
     if args.json:
@@ -63,6 +67,12 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"Digest:     {doc['digest']}")
     if doc["index_digest"]:
         print(f"Index:      {doc['index_digest']}")
+    if doc["platforms"] is not None:
+        print(f"Platforms:  {len(doc['platforms'])} in the index")
+        width = max((len(p["platform"]) for p in doc["platforms"]), default=0)
+        for p in doc["platforms"]:
+            mark = "  (this one)" if p["digest"] == doc["digest"] else ""
+            print(f"  {p['platform']:<{width}}  {p['digest']}{mark}")
     print(f"Media type: {doc['media_type']}")
     print(f"Platform:   {doc['platform']}")
     print(f"Created:    {doc['created'] or '-'}")
@@ -82,6 +92,21 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
         verified = "verified" if layer["verified"] else "unverified"
         print(f"  {layer['digest']}  {layer['size']:>10}  {layer['format']} ({lazy}, {verified})")
     return 0
+
+
+def _index_platforms(img: OpenedImage) -> list[dict[str, Any]] | None:
+    """The images of the index the manifest was chosen from (None: there was no index)."""
+    if img.index is None:
+        return None
+    return [
+        {
+            "platform": str(d.platform) if d.platform is not None else "unknown",
+            "digest": d.digest,
+            "media_type": d.media_type,
+            "size": d.size,
+        }
+        for d in img.index.images()
+    ]
 
 
 def _client() -> Any:
