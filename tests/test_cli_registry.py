@@ -167,6 +167,54 @@ def test_login_logout(
     assert run("layers", ref, env=env).returncode == 3
 
 
+def _no_credential_files(tmp_path: Path) -> dict[str, str]:
+    return {
+        "HOME": str(tmp_path),
+        "DOCKER_CONFIG": str(tmp_path / "docker"),
+        "REGISTRY_AUTH_FILE": str(tmp_path / "none.json"),
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["registry_basic", "registry_token"])
+def test_tags_and_catalog_with_creds_stdin(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, oci_layout: Path
+) -> None:
+    reg: Registry = request.getfixturevalue(kind)
+    reg.push_oci(oci_layout, "v1", "listing/creds:v1")
+    env = _no_credential_files(tmp_path)
+    creds = f"{reg.username}:{reg.password}\n"
+    repo = f"{reg.host}/listing/creds"
+    assert run("tags", repo, env=env).returncode == 3  # no credentials anywhere
+    out = run("tags", "--creds-stdin", "--insecure", repo, env=env, stdin=creds)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["v1"]
+    out = run("catalog", "--json", "--creds-stdin", reg.host, env=env, stdin=creds)
+    assert out.returncode == 0, out.stderr
+    assert "listing/creds" in json.loads(out.stdout)
+    bad = run("tags", "--creds-stdin", repo, env=env, stdin=f"{reg.username}:wrong\n")
+    assert bad.returncode == 3 and "wrong" not in bad.stderr
+    assert run("catalog", "--creds-stdin", reg.host, env=env, stdin="no colon\n").returncode == 2
+
+
+def test_login_usage_errors_and_creds_stdin(registry_basic: Registry, tmp_path: Path) -> None:
+    reg = registry_basic
+    env = {**_no_credential_files(tmp_path), "DOCKER_CONFIG": str(tmp_path)}
+    config = tmp_path / "config.json"
+    # Like docker: --password-stdin needs -u (stdin is the password, not the user name).
+    out = run("login", reg.host, "--password-stdin", env=env, stdin=f"{reg.password}\n")
+    assert out.returncode == 2 and "-u" in out.stderr and not config.exists()
+    creds = f"{reg.username}:{reg.password}\n"
+    for argv in (["-u", reg.username, "--creds-stdin"], ["--password-stdin", "--creds-stdin"]):
+        out = run("login", reg.host, *argv, env=env, stdin=creds)
+        assert out.returncode == 2, out.stderr
+        assert not config.exists()
+    out = run("login", reg.host, "--creds-stdin", "--insecure", env=env, stdin=creds)
+    assert out.returncode == 0, out.stderr
+    assert reg.host in json.loads(config.read_text())["auths"]
+    assert run("logout", reg.host, env=env).returncode == 0
+
+
 @pytest.mark.slow  # the no-mirror half spends the retry budget on the unreachable host
 def test_mirror_serves_a_registry_that_is_unreachable(
     fixture_image: str, registry: Registry

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..index import Entry, LayerIndex, Node
     from ..open_image import OpenedImage
+    from ..registry import Credentials
     from ..view import ImageView
 
 
@@ -30,14 +31,31 @@ def add_network_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
-    p.add_argument("ref", metavar="REF", help="image reference, or oci:DIR[:TAG]")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
+def add_creds_option(p: argparse.ArgumentParser) -> None:
+    """``--creds-stdin``: credentials for the registry, never on the command line."""
     p.add_argument(
         "--creds-stdin",
         action="store_true",
         help="read USER:PASSWORD for the registry from the first line of stdin",
     )
+
+
+def read_creds_stdin() -> Credentials:
+    """The ``USER:PASSWORD`` line ``--creds-stdin`` promises."""
+    from ..errors import UsageError
+    from ..registry import Credentials
+
+    line = sys.stdin.readline().rstrip("\r\n")
+    user, sep, password = line.partition(":")
+    if not sep or not user:
+        raise UsageError("--creds-stdin: expected USER:PASSWORD on the first line of stdin")
+    return Credentials(user, password, source="stdin")
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument("ref", metavar="REF", help="image reference, or oci:DIR[:TAG]")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
+    add_creds_option(p)
     add_network_options(p)
     p.add_argument("--cache-dir", metavar="DIR", help="keep layer indexes here between runs")
     if json_flag:
@@ -81,16 +99,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 async def _open(args: argparse.Namespace) -> OpenedImage:
     from ..open_image import open_image
 
-    creds = None
-    if args.creds_stdin:
-        from ..errors import UsageError
-        from ..registry import Credentials
-
-        line = sys.stdin.readline().rstrip("\r\n")
-        user, sep, password = line.partition(":")
-        if not sep or not user:
-            raise UsageError("--creds-stdin: expected USER:PASSWORD on the first line of stdin")
-        creds = Credentials(user, password, source="stdin")
+    creds = read_creds_stdin() if args.creds_stdin else None
     return await open_image(
         args.ref,
         platform=args.platform,

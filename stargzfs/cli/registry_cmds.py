@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from .image_cmds import _common, _open, layer_rows
+from .image_cmds import _common, _open, add_creds_option, layer_rows, read_creds_stdin
 
 if TYPE_CHECKING:
     from ..open_image import OpenedImage
@@ -23,23 +23,41 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = sub.add_parser("tags", help="list the tags of a repository")
     p.add_argument("repo", metavar="REPO", help="registry/repository (e.g. ghcr.io/org/app)")
+    _registry_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_tags)
 
     p = sub.add_parser("catalog", help="list the repositories of a registry (if it allows)")
     p.add_argument("registry", metavar="REGISTRY")
+    _registry_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("login", help="check and store credentials for a registry")
     p.add_argument("registry", metavar="REGISTRY")
     p.add_argument("-u", "--username", help="default: asked on the terminal")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin (needs -u)"
+    )
+    how.add_argument(
+        "--creds-stdin",
+        action="store_true",
+        help="read USER:PASSWORD from the first line of stdin (instead of -u and a password)",
+    )
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("logout", help="remove stored credentials for a registry")
     p.add_argument("registry", metavar="REGISTRY")
     p.set_defaults(func=cmd_logout)
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
+    """What ``tags`` and ``catalog`` share with the image commands. No ``--mirror``: these
+    listings come from the registry itself (a mirror's tags can be stale or partial)."""
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the registry")
+    add_creds_option(p)
 
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
@@ -109,45 +127,62 @@ def _index_platforms(img: OpenedImage) -> list[dict[str, Any]] | None:
     ]
 
 
-def _client() -> Any:
+def _client(args: argparse.Namespace, registry: str) -> Any:
     from ..registry import RegistryClient
 
-    return RegistryClient()
+    creds = read_creds_stdin() if args.creds_stdin else None
+    return RegistryClient(
+        credentials={registry: creds} if creds is not None else None,
+        insecure=[registry] if args.insecure else (),
+    )
 
 
 async def cmd_tags(args: argparse.Namespace) -> int:
     from ..reference import Repository
 
     repo = Repository.parse(args.repo)
-    async with _client() as client:
+    async with _client(args, repo.registry) as client:
         tags = await client.list_tags(repo)
     print(json.dumps(tags, indent=2) if args.json else "\n".join(tags))
     return 0
 
 
 async def cmd_catalog(args: argparse.Namespace) -> int:
-    async with _client() as client:
+    async with _client(args, args.registry) as client:
         repos = await client.catalog(args.registry)
     print(json.dumps(repos, indent=2) if args.json else "\n".join(repos))
     return 0
 
 
+def _login_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """(user, password) from --creds-stdin, -u with --password-stdin, or the terminal."""
+    if args.creds_stdin:
+        if args.username:
+            raise UsageError("--creds-stdin carries the user name: leave out -u")
+        creds = read_creds_stdin()
+        return creds.username, creds.password
+    if args.password_stdin:
+        if not args.username:
+            raise UsageError("--password-stdin needs the user name: add -u USER")
+        return args.username, sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise UsageError(
+            "no terminal to ask for the password: use -u USER --password-stdin, or --creds-stdin"
+        )
+    return args.username or input("Username: "), getpass.getpass("Password: ")
+
+
 async def cmd_login(args: argparse.Namespace) -> int:
     from ..registry import CredentialResolver, Credentials, RegistryClient, store_credentials
 
-    username = args.username or input("Username: ")
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-    else:
-        raise UsageError("no terminal to ask for the password: use --password-stdin")
+    username, password = _login_credentials(args)
     if not username or not password:
         raise UsageError("login needs a username and a password")
     creds = Credentials(username, password, source="login")
     resolver = CredentialResolver({args.registry: creds}, use_files=False)
     # Check them before storing anything: 401/403 raise AuthError (exit 3).
-    async with RegistryClient(credentials=resolver) as client:
+    insecure = [args.registry] if args.insecure else ()
+    async with RegistryClient(credentials=resolver, insecure=insecure) as client:
         await client.check_login(args.registry)
     where = await store_credentials(args.registry, username, password)
     print(f"Login succeeded; credentials stored in {where}")
