@@ -16,17 +16,19 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import zstandard
+from gated_proxy import GatedProxy
 from harness import Registry
 from harness.oci import LayerBlob, make_tar, write_oci_layout
 from harness.proxy import RegistryProxy
 
+from stargzfs.cli.main import main
 from stargzfs.errors import (
     DigestMismatchError,
     FormatError,
@@ -845,3 +847,69 @@ async def test_missing_layer_blob_fails_fast(
                 await pull(ref, tmp_path / "out", opts(tmp_path), client=client)
     assert blobs[1].digest in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+# --------------------------------------------------------------------------- parallelism
+
+
+@pytest.fixture
+def gated(registry: Registry) -> Iterator[GatedProxy]:
+    """A proxy that counts requests in flight and can hold a blob's bytes back."""
+    with GatedProxy(registry.host) as proxy:
+        yield proxy
+
+
+@pytest.mark.parametrize("size", [1_500_000, 3 << 20], ids=["in-thread", "child-process"])
+async def test_extraction_overlaps_the_download(
+    registry: Registry, gated: GatedProxy, tmp_path: Path, size: int
+) -> None:
+    """The proxy holds back the last 200 kB of the first layer: its first file must already
+    be in the staging tree (decompressed and untarred from what has arrived) while the
+    download is still unfinished. Small layers are inflated in a thread, big ones by a
+    child process following the file."""
+    rest = os.urandom(size)
+    lower = layer(build_tar([(ti("early"), b"first entry"), (ti("rest.bin"), rest)]))
+    upper = layer(make_tar({"early": b"replaced"}))
+    ref = push(registry, tmp_path, f"pull/overlap-{size}", [lower, upper])
+    gated.hold[lower.digest] = len(lower.data) - 200_000
+    seen: list[int] = []
+
+    async def watch() -> None:
+        try:
+            with trio.fail_after(10):
+                while not list(tmp_path.glob(".out.stargzfs-stage-*/early")):
+                    await trio.sleep(0.005)
+            with gated.lock:
+                seen.append(gated.bytes_sent[lower.digest])
+                assert gated.held == 1  # the tail is still waiting at the proxy
+        finally:
+            gated.release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await pull(ref.replace(registry.host, gated.host), tmp_path / "out", opts(tmp_path))
+    assert seen and seen[0] <= len(lower.data) - 200_000
+    assert gated.bytes_sent[lower.digest] == len(lower.data)
+    assert (tmp_path / "out/early").read_bytes() == b"replaced"  # still applied in order
+    assert (tmp_path / "out/rest.bin").read_bytes() == rest
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_layers_download_in_parallel_with_jobs(
+    registry: Registry, gated: GatedProxy, tmp_path: Path, jobs: int
+) -> None:
+    """Each blob GET takes 0.3 s at the proxy: with --jobs 3 the three layers' downloads
+    overlap there, with --jobs 1 they never do."""
+    blobs = [layer(make_tar({f"l{i}": os.urandom(300_000)})) for i in range(3)]
+    ref = push(registry, tmp_path, f"pull/jobs-{jobs}", blobs)
+    gated.delay["blob"] = 0.3
+    argv = ["pull", ref.replace(registry.host, gated.host), str(tmp_path / "out"), "-q"]
+    assert main([*argv, "--jobs", str(jobs), "--cache-dir", str(tmp_path / "cache")]) == 0
+    gets = [r for r in gated.requests if r[0] == "GET" and "/blobs/" in r[1]]
+    assert len(gets) == 4  # the config, then the layers
+    if jobs == 1:
+        assert gated.max_in_flight["blob"] == 1
+    else:
+        assert gated.max_in_flight["blob"] >= 2
+    for i in range(3):
+        assert (tmp_path / f"out/l{i}").stat().st_size == 300_000
