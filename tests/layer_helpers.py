@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
+import struct
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +73,126 @@ async def index_of(source: ByteSource, annotations: dict[str, str] | None = None
 
 async def index_of_bytes(blob: bytes) -> LayerIndex:
     return await index_of(BytesSource(blob))
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _skippable(data: bytes) -> bytes:
+    return b"\x50\x2a\x4d\x18" + struct.pack("<I", len(data)) + data
+
+
+@dataclass
+class StorageBlob:
+    """A containers/storage (podman) zstd:chunked blob built by hand, see storage_zstd_blob."""
+
+    data: bytes
+    toc: dict[str, Any]
+    toc_json: bytes
+    annotations: dict[str, str]
+    contents: dict[str, bytes]  # regular file name -> content
+    toc_offset: int
+    toc_size: int
+
+
+def storage_zstd_blob(
+    files: list[tuple[str, list[bytes | int]]],
+    *,
+    tarsplit_size: int = 0,
+    holes_have_data: bool = False,
+) -> StorageBlob:
+    """A zstd:chunked blob in containers/storage's layout (``pkg/chunked/compressor``).
+
+    Each file is ``(name, pieces)``: a piece is bytes (a data chunk, its own zstd frame) or an
+    int (a hole of that many zeros: ``chunkType: "zeros"``, with no bytes in the blob unless
+    ``holes_have_data``). Tar headers sit in frames of their own before each payload. Then: the
+    TOC (a zstd frame inside a skippable frame), the tar-split data (a skippable frame of
+    ``tarsplit_size`` incompressible bytes) and the 64-byte footer in a skippable frame
+    (TOC offset, compressed and uncompressed size, type 1, tar-split offset and sizes,
+    ``GNUlInUx``). The footer and the manifest-position annotation point past the TOC's
+    skippable-frame header, at the compressed TOC itself, as upstream's do.
+    """
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor(level=3)
+    out = bytearray()
+    entries: list[dict[str, Any]] = [
+        {"type": "dir", "name": "data/", "mode": 0o755, "modtime": "2024-05-01T10:20:30Z"}
+    ]
+    contents: dict[str, bytes] = {}
+    pending_padding = b""
+    for name, pieces in files:
+        size = sum(p if isinstance(p, int) else len(p) for p in pieces)
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, 1714558830
+        out += cctx.compress(pending_padding + info.tobuf(tarfile.PAX_FORMAT))
+        start = len(out)
+        chunks: list[dict[str, Any]] = []
+        content = b""
+        for piece in pieces:
+            data = bytes(piece) if isinstance(piece, int) else piece
+            chunk: dict[str, Any] = {
+                "chunkOffset": len(content),
+                "chunkSize": len(data),
+                "chunkDigest": _sha(data),
+            }
+            if isinstance(piece, int):
+                chunk["chunkType"] = "zeros"
+            if not isinstance(piece, int) or holes_have_data:
+                chunk["offset"] = len(out)
+                out += cctx.compress(data)
+            chunks.append(chunk)
+            content += data
+        contents[name] = content
+        pending_padding = bytes(-size % 512)
+        entry: dict[str, Any] = {
+            "type": "reg",
+            "name": name,
+            "mode": 0o644,
+            "size": size,
+            "modtime": "2024-05-01T10:20:30.123456789Z",
+            "digest": _sha(content),
+            "offset": start,
+            "endOffset": len(out),
+        }
+        if len(chunks) > 1 or any("chunkType" in c for c in chunks):
+            entry.pop("offset")
+            first, rest = chunks[0], chunks[1:]
+            entry.update({k: v for k, v in first.items() if k != "chunkOffset"})
+            entries.append(entry)
+            for c in rest:
+                entries.append({"type": "chunk", "name": name, **c})
+        else:
+            entries.append(entry)
+    entries.append({"type": "symlink", "name": "data/link", "linkName": files[0][0]})
+    out += cctx.compress(pending_padding + bytes(1024))  # end of archive
+    toc = {"version": 1, "entries": entries, "tarSplitDigest": _sha(b"")}
+    toc_json = json.dumps(toc).encode()
+    packed = cctx.compress(toc_json)
+    toc_offset = len(out) + 8
+    out += _skippable(packed)
+    tarsplit = hashlib.shake_256(b"tar-split").digest(tarsplit_size)
+    tarsplit_offset = len(out) + 8
+    out += _skippable(tarsplit)
+    footer = struct.pack(
+        "<QQQQQQQ",
+        toc_offset,
+        len(packed),
+        len(toc_json),
+        1,
+        tarsplit_offset,
+        len(tarsplit),
+        len(tarsplit) * 2,
+    )
+    out += _skippable(footer + b"GNUlInUx")
+    annotations = {
+        "io.github.containers.zstd-chunked.manifest-checksum": _sha(packed),
+        "io.github.containers.zstd-chunked.manifest-position": (
+            f"{toc_offset}:{len(packed)}:{len(toc_json)}:1"
+        ),
+        "io.github.containers.zstd-chunked.tarsplit-position": (
+            f"{tarsplit_offset}:{len(tarsplit)}:{len(tarsplit) * 2}"
+        ),
+    }
+    return StorageBlob(bytes(out), toc, toc_json, annotations, contents, toc_offset, len(packed))

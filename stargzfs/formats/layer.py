@@ -3,8 +3,8 @@ fetch its table of contents with as few reads as possible.
 
 One tail read usually does it: the last ``tail_size`` bytes hold the footer and, for all but
 huge layers, the whole TOC. Only when the TOC starts before that tail is one more read made,
-for exactly the missing prefix. With a zstd:chunked ``manifest-position`` annotation the TOC
-is read directly.
+for exactly the missing prefix (or, when the TOC ends before the tail starts, as behind a large
+containers/storage tar-split frame, for exactly the TOC).
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class RawToc:
     raw: bytes
     what: str
     head: bytes
+    # A zstd:chunked manifest-checksum annotation matched the compressed TOC: it vouches for
+    # the TOC as the toc.digest annotation does for the uncompressed one.
+    verified: bool = False
 
     def pieces(self) -> Iterator[bytes]:
         """The uncompressed TOC JSON, a piece at a time (CPU work: run in a thread)."""
@@ -121,19 +124,26 @@ async def fetch_toc(
         head = tail[:8] if tail_start == 0 else await source.read_at(0, min(size, 8))
         fmt = detect_plain_format(head)
         raise NotLazyError(f"{what} is a plain {fmt.value} layer without a TOC: not lazy")
+    toc_start = footer.toc_offset
     toc_end = size - footer.footer_size
     if footer.toc_size is not None:
-        toc_end = footer.toc_offset + footer.toc_size
-    if footer.toc_offset < tail_start:
+        toc_end = toc_start + footer.toc_size
+    if toc_end <= tail_start:
+        # The TOC lies wholly before the tail (containers/storage's zstd:chunked puts the
+        # tar-split frame between TOC and footer, and it can be larger than the tail): one
+        # read of exactly the TOC.
+        raw = await source.read_at(toc_start, toc_end - toc_start)
+    elif toc_start < tail_start:
         # One more read, for exactly the part of the TOC the tail did not cover.
-        prefix = await source.read_at(footer.toc_offset, tail_start - footer.toc_offset)
+        prefix = await source.read_at(toc_start, tail_start - toc_start)
         raw = prefix + tail[: toc_end - tail_start]
     else:
-        raw = tail[footer.toc_offset - tail_start : toc_end - tail_start]
+        raw = tail[toc_start - tail_start : toc_end - tail_start]
+    verified = False
     if footer.format is LayerFormat.ZSTD_CHUNKED:
-        _check_zstd_checksum(raw, annotations, what)
+        verified = _check_zstd_checksum(raw, annotations, what)
     head = tail[:8] if tail_start == 0 else b""
-    return RawToc(footer.format, footer, raw, what, head)
+    return RawToc(footer.format, footer, raw, what, head, verified)
 
 
 async def read_toc(
@@ -162,7 +172,7 @@ async def read_toc(
         footer=raw.footer,
         toc_json=toc_json,
         toc_digest=digest,
-        verified=expected is not None,
+        verified=expected is not None or raw.verified,
         head=raw.head,
     )
 
@@ -238,11 +248,15 @@ def _zstd_toc_pieces(raw: bytes, uncompressed_size: int | None, what: str) -> It
         raise FormatError(f"TOC of {what}: {total} bytes, footer says {uncompressed_size}: corrupt")
 
 
-def _check_zstd_checksum(raw: bytes, annotations: Mapping[str, str], what: str) -> None:
-    """zstd:chunked annotations vouch for the *compressed* TOC bytes."""
+def _check_zstd_checksum(raw: bytes, annotations: Mapping[str, str], what: str) -> bool:
+    """zstd:chunked annotations vouch for the *compressed* TOC bytes: True when one matched
+    (and raise when one does not)."""
+    checked = False
     for key in (ANNOTATION_ZSTD_MANIFEST_CHECKSUM, ANNOTATION_ZSTD_STORAGE_CHECKSUM):
         expected = annotations.get(key)
         if expected is not None:
             actual = "sha256:" + hashlib.sha256(raw).hexdigest()
             if actual != expected:
                 raise DigestMismatchError(f"compressed TOC of {what}", expected, actual)
+            checked = True
+    return checked

@@ -65,6 +65,7 @@ async def load_index(
             toc_offset=raw.footer.toc_offset,
             path=path,
             check=check,
+            verified=expected is not None or raw.verified,
         )
 
     return await trio.to_thread.run_sync(build)

@@ -43,7 +43,7 @@ from ..formats.toc import (
 __all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex"]
 
 ROOT_ID = 1
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Entry kinds as stored; the TOC's "hardlink" rows point at a canonical row instead.
 _KINDS = ("", "dir", "reg", "symlink", "char", "block", "fifo", "hardlink")
@@ -51,6 +51,10 @@ _KIND_CODE = {name: code for code, name in enumerate(_KINDS) if name}
 DIR, REG, SYMLINK, CHAR, BLOCK, FIFO, HARDLINK = 1, 2, 3, 4, 5, 6, 7
 _F_IMPLICIT = 0x10  # a parent directory with no entry of its own
 _F_CHUNKED = 0x20  # content described by rows in `chunks`
+# Chunk flags (containers/storage's ``chunkType: "zeros"``): a run of zero bytes, which a
+# reader produces without fetching; with _C_NO_DATA it has no bytes in the blob at all.
+_C_ZEROS = 0x1
+_C_NO_DATA = 0x2
 _KIND_MASK = 0x0F
 
 _MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
@@ -70,13 +74,14 @@ CREATE TABLE entries (
 );
 CREATE TABLE chunks (
     entry INTEGER NOT NULL, foff INTEGER NOT NULL, size INTEGER NOT NULL,
-    offset INTEGER NOT NULL, inner INTEGER, digest BLOB,
+    offset INTEGER NOT NULL, inner INTEGER, digest BLOB, flags INTEGER,
     PRIMARY KEY (entry, foff)
 ) WITHOUT ROWID;
 CREATE TABLE owners (kind TEXT, id INTEGER, name TEXT, PRIMARY KEY (kind, id)) WITHOUT ROWID;
 """
 _COLUMNS = "id, parent, name, kind, mode, uid, gid, size, mtime, link, dev, xattrs, digest, "
 _COLUMNS += "offset, inner, nlink, ino"
+_CHUNK_COLUMNS = "foff, size, offset, inner, digest, coalesce(flags, 0)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,9 @@ class Chunk:
     comp_end: int  # end (exclusive) of the compressed range to fetch
     inner_offset: int  # where the chunk starts in the member's uncompressed stream
     digest: bytes | None  # sha256 of the chunk's uncompressed bytes (None: unverified)
+    # A hole (zstd:chunked ``chunkType: "zeros"``): ``size`` zero bytes, nothing to fetch.
+    # Its compressed range is empty when the blob holds no bytes for it.
+    zeros: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +149,8 @@ class LayerIndex:
         self.landmark: str | None = meta.get("landmark")
         self.prefetch_end: int | None = meta.get("prefetch_end")
         self.entry_count: int = meta["entry_count"]
+        # An annotation vouched for the TOC (toc.digest, or a zstd:chunked manifest checksum).
+        self.verified: bool = bool(meta.get("verified"))
         self._offsets = array.array("q")
         self._offsets.frombytes(meta["offsets"])
         self._owners: dict[tuple[str, int], str] = {
@@ -160,6 +170,7 @@ class LayerIndex:
         toc_digest: str | None = None,
         path: str | os.PathLike[str] | None = None,
         check: Callable[[], str] | None = None,
+        verified: bool = False,
     ) -> LayerIndex:
         """Parse a TOC document into an index (in memory, or in a file at ``path``).
 
@@ -167,7 +178,8 @@ class LayerIndex:
         builders and readers never see a half-written index. ``toc_json`` may be an iterable
         of byte pieces (the TOC streamed out of its compressed member); ``check`` then runs
         once it is consumed, before anything is committed: it returns the TOC digest to
-        record, or raises (a digest mismatch) to abort.
+        record, or raises (a digest mismatch) to abort. ``verified`` records that an
+        annotation vouches for the TOC (the caller checked it, or ``check`` does).
         """
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
@@ -189,6 +201,7 @@ class LayerIndex:
                 "compression": compression,
                 "toc_offset": toc_offset,
                 "toc_digest": toc_digest,
+                "verified": int(verified),
             }
             meta.update(db.execute("SELECT 'entry_count', count(*) FROM entries").fetchall())
             for key, value in _pending_meta(db):
@@ -292,10 +305,9 @@ class LayerIndex:
         ).fetchone()
         if rows[0] & _F_CHUNKED:
             return [
-                Chunk(foff, size, off, self.compressed_end(off), inner or 0, digest)
-                for foff, size, off, inner, digest in self._db.execute(
-                    "SELECT foff, size, offset, inner, digest FROM chunks WHERE entry=? "
-                    "ORDER BY foff",
+                self._chunk(*row)
+                for row in self._db.execute(
+                    f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE entry=? ORDER BY foff",
                     (entry.id,),
                 )
             ]
@@ -329,12 +341,20 @@ class LayerIndex:
             )
         ]
         out += [
-            Chunk(foff, size, off, self.compressed_end(off), inner or 0, digest)
-            for foff, size, off, inner, digest in self._db.execute(
-                "SELECT foff, size, offset, inner, digest FROM chunks WHERE offset < ?", (end,)
+            self._chunk(*row)
+            for row in self._db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE offset < ?", (end,)
             )
         ]
         return sorted((c for c in out if c.comp_end <= end), key=lambda c: c.comp_offset)
+
+    def _chunk(
+        self, foff: int, size: int, off: int, inner: int | None, digest: bytes | None, flags: int
+    ) -> Chunk:
+        if flags & _C_NO_DATA:
+            return Chunk(foff, size, off, off, 0, digest, True)
+        end = self.compressed_end(off)
+        return Chunk(foff, size, off, end, inner or 0, digest, bool(flags & _C_ZEROS))
 
     def compressed_end(self, offset: int) -> int:
         """Where the compressed range starting at ``offset`` ends: the next payload start."""
@@ -399,7 +419,7 @@ class _Builder:
         self.landmark: str | None = None
         self.prefetch_end: int | None = None
         # The regular file that following "chunk" entries belong to.
-        self.cur_file: tuple[int, str, int, list[tuple[Any, ...]]] | None = None
+        self.cur_file: tuple[int, str, int, list[tuple[Any, ...]], int | None] | None = None
         self.root_row: tuple[Any, ...] = (ROOT_ID, ROOT_ID, "", DIR | _F_IMPLICIT, 0o755)
         # Rows are streamed into one executemany; side rows wait here until it is done.
         self.implicit_rows: list[tuple[Any, ...]] = []
@@ -419,7 +439,7 @@ class _Builder:
             "UPDATE entries SET kind=?, mode=?, uid=?, gid=?, mtime=?, xattrs=? WHERE id=?",
             self.dir_updates,
         )
-        self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?)", self.chunk_rows)
+        self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?)", self.chunk_rows)
         # Indexing after the bulk insert (one sort) is much faster than maintaining it.
         self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
         self._dedupe()
@@ -526,16 +546,26 @@ class _Builder:
         elif kind == "reg":
             size = _int(e, "size", raw, 0, _MAX_SIZE)
             if size:
+                zeros = _chunk_flags(e, raw)
                 offset = _int(e, "offset", raw, None, self.toc_offset - 1)
-                if offset is None:
+                if offset is None and not zeros:
                     raise FormatError(f"TOC entry {raw!r}: non-empty file without offset")
                 inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
-                self.offsets.add(offset)
+                if offset is not None:
+                    self.offsets.add(offset)
+                end_offset = _int(e, "endOffset", raw, None, self.toc_offset)
+                if end_offset is not None:
+                    # containers/storage: where this file's compressed bytes end.
+                    if offset is not None and end_offset < offset:
+                        raise FormatError(
+                            f"TOC entry {raw!r}: endOffset {end_offset} is before offset {offset}"
+                        )
+                    self.offsets.add(end_offset)
                 cdig = e.get("chunkDigest")
                 fdig = e.get("digest")
                 digest = parse_digest(fdig or cdig, raw) if (fdig or cdig) else None
                 csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
-                if csize and csize < size:
+                if (csize and csize < size) or zeros:
                     first = (
                         nid,
                         0,
@@ -543,8 +573,9 @@ class _Builder:
                         offset,
                         inner,
                         parse_digest(cdig, raw) if cdig else None,
+                        zeros,
                     )
-                    self.cur_file = (nid, raw, size, [first])
+                    self.cur_file = (nid, raw, size, [first], end_offset)
                     code |= _F_CHUNKED
             elif e.get("digest"):
                 digest = parse_digest(e["digest"], raw)
@@ -580,26 +611,29 @@ class _Builder:
     def _add_chunk(self, e: dict[str, Any], raw: str) -> None:
         if self.cur_file is None or clean_name(raw) != clean_name(self.cur_file[1]):
             raise FormatError(f"TOC chunk entry {raw!r} does not follow its file's entry")
-        nid, _, _size, chunks = self.cur_file
+        nid, _, _size, chunks, _end = self.cur_file
         foff = _int(e, "chunkOffset", raw, 0, _MAX_SIZE)
         csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
+        zeros = _chunk_flags(e, raw)
         offset = _int(e, "offset", raw, None, self.toc_offset - 1)
-        if offset is None:
+        if offset is None and not zeros:
             raise FormatError(f"TOC chunk entry {raw!r} at {foff} has no offset")
         inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
         cdig = e.get("chunkDigest")
-        chunks.append((nid, foff, csize, offset, inner, parse_digest(cdig, raw) if cdig else None))
-        self.offsets.add(offset)
+        digest = parse_digest(cdig, raw) if cdig else None
+        chunks.append((nid, foff, csize, offset, inner, digest, zeros))
+        if offset is not None:
+            self.offsets.add(offset)
 
     def _finish_file(self) -> None:
         """Check a chunked file's chunks tile it exactly, then queue their rows."""
         if self.cur_file is None:
             return
-        _nid, raw, size, chunks = self.cur_file
+        _nid, raw, size, chunks, end_offset = self.cur_file
         self.cur_file = None
         pos = 0
-        fixed = []
-        for i, (cid, foff, csize, off, inner, dig) in enumerate(chunks):
+        fixed: list[tuple[Any, ...]] = []
+        for i, (cid, foff, csize, off, inner, dig, flags) in enumerate(chunks):
             if foff != pos:
                 raise FormatError(
                     f"TOC entry {raw!r}: chunk at {foff} does not follow the previous one "
@@ -611,7 +645,16 @@ class _Builder:
                 raise FormatError(f"TOC entry {raw!r}: chunk at {foff} has a bad size {csize}")
             if csize != size - foff and i == len(chunks) - 1:
                 raise FormatError(f"TOC entry {raw!r}: chunks cover {foff + csize} of {size} bytes")
-            fixed.append((cid, foff, csize, off, inner, dig))
+            if off is None:
+                # A hole with no bytes in the blob: an empty range next to its neighbours
+                # (the next chunk's start, else the previous one's), so that a coalesced
+                # fetch of the file's chunks stays one contiguous run.
+                later = (c[3] for c in chunks[i + 1 :] if c[3] is not None)
+                off = next(later, None)
+                if off is None:
+                    off = fixed[-1][3] if fixed else (end_offset or 0)
+                flags |= _C_NO_DATA
+            fixed.append((cid, foff, csize, off, inner, dig, flags or None))
             pos = foff + csize
         self.chunk_rows.extend(fixed)
 
@@ -687,6 +730,16 @@ def _int(e: dict[str, Any], key: str, raw: str, default: int | None, maximum: in
     if value is None:
         return default
     raise FormatError(f"TOC entry {raw!r}: invalid {key} {value!r}")
+
+
+def _chunk_flags(e: dict[str, Any], raw: str) -> int:
+    """``chunkType``: absent or "" for data, "zeros" for a hole (containers/storage)."""
+    kind = e.get("chunkType")
+    if kind is None or kind == "":
+        return 0
+    if kind == "zeros":
+        return _C_ZEROS
+    raise FormatError(f"TOC entry {raw!r}: unknown chunkType {kind!r}")
 
 
 def _str(e: dict[str, Any], key: str, raw: str) -> str:
