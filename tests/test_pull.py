@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -913,3 +914,51 @@ def test_layers_download_in_parallel_with_jobs(
         assert gated.max_in_flight["blob"] >= 2
     for i in range(3):
         assert (tmp_path / f"out/l{i}").stat().st_size == 300_000
+
+
+def test_cli_segmented_download_concurrent_and_resumed_after_kill(
+    registry: Registry, gated: GatedProxy, tmp_path: Path
+) -> None:
+    """``--connections 4``: the proxy passes the blob's first two 4 MiB pieces and holds
+    everything after them, so several range requests wait there at once; the process is
+    SIGKILLed with exactly those two pieces in the partial file. The re-run (segmented
+    again: 18 MiB are left) asks only for the rest, from 8 MiB on."""
+    seg = 4 << 20
+    data = os.urandom((26 << 20) - 4096)
+    blob = layer(make_tar({"seg.bin": data}), "none")
+    ref = push(registry, tmp_path, "pull/segmented-killed", [blob])
+    ref = ref.replace(registry.host, gated.host)
+    partial = tmp_path / "cache/blobs/sha256" / (blob.digest.split(":")[1] + ".partial")
+    cmd = [sys.executable, "-m", "stargzfs", "pull", ref, "-q", "--connections", "4"]
+    cmd += ["--cache-dir", str(tmp_path / "cache")]
+    gated.hold[blob.digest] = 2 * seg
+    proc = subprocess.Popen([*cmd, str(tmp_path / "a")], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not (gated.held >= 2 and partial.exists() and partial.stat().st_size == 2 * seg):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"no segmented download held at 8 MiB (held: {gated.held})")
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert gated.max_in_flight["range"] >= 2
+    first = [r[2] for r in gated.requests if r[0] == "GET" and blob.digest in r[1]]
+    assert all(first) and len(first) >= 4  # every request a range, at least one per connection
+    assert partial.stat().st_size == 2 * seg
+    assert not (tmp_path / "a").exists()
+    gated.reset()
+    gated.delay["range"] = 0.2  # make the re-run's requests overlap visibly too
+    res = subprocess.run([*cmd, str(tmp_path / "b")], cwd=REPO, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "b/seg.bin").read_bytes() == data
+    assert gated.bytes_sent[blob.digest] == len(blob.data) - 2 * seg
+    ranges = [r[2] for r in gated.requests if r[0] == "GET" and blob.digest in r[1]]
+    starts = []
+    for r in ranges:
+        m = re.fullmatch(r"bytes=(\d+)-\d*", r or "")
+        assert m is not None, r
+        starts.append(int(m.group(1)))
+    assert min(starts) == 2 * seg and len(starts) == len(set(starts)) >= 4
+    assert gated.max_in_flight["range"] >= 2
+    assert not partial.exists()
