@@ -67,6 +67,30 @@ def blob_with_toc(toc: bytes | str | dict[str, Any], payload: bytes = b"") -> by
     return payload + toc_member(toc) + estargz_footer(len(payload))
 
 
+def legacy_footer(toc_offset: int) -> bytes:
+    """The 47-byte legacy stargz footer (google/crfs): an empty gzip member whose whole Extra
+    field (XLEN=22, no RFC 1952 subfield header) is ``%016x`` of the TOC offset + ``STARGZ``."""
+    extra = b"%016xSTARGZ" % toc_offset
+    header = b"\x1f\x8b\x08\x04" + b"\x00\x00\x00\x00" + b"\x00\xff" + struct.pack("<H", 22)
+    # An empty deflate stream (final stored block of length 0) + CRC32 0 + ISIZE 0.
+    footer = header + extra + b"\x01\x00\x00\xff\xff" + b"\x00" * 8
+    assert len(footer) == 47
+    return footer
+
+
+def legacy_blob_with_toc(toc: bytes | str | dict[str, Any], payload: bytes = b"") -> bytes:
+    """A legacy stargz blob: payload, TOC member, 47-byte footer."""
+    if isinstance(toc, dict):
+        toc = json.dumps(toc)
+    return payload + toc_member(toc) + legacy_footer(len(payload))
+
+
+def as_legacy(estargz_blob: bytes) -> bytes:
+    """The same blob with its 51-byte eStargz footer replaced by the legacy 47-byte one."""
+    toc_offset = int(estargz_blob[-51 + 16 : -51 + 32], 16)
+    return estargz_blob[:-51] + legacy_footer(toc_offset)
+
+
 async def index_of(source: ByteSource, annotations: dict[str, str] | None = None) -> LayerIndex:
     return await load_index(source, annotations)
 

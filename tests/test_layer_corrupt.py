@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import struct
 from typing import Any
@@ -10,7 +11,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layer_helpers import FIXTURES, blob_with_toc, index_of_bytes
+from layer_helpers import (
+    FIXTURES,
+    blob_with_toc,
+    index_of_bytes,
+    legacy_blob_with_toc,
+    legacy_footer,
+)
 
 from stargzfs.errors import (
     DigestMismatchError,
@@ -164,6 +171,85 @@ def test_fuzz_footer_fields(offset: int, xlen: int, sub: bytes) -> None:
     footer[12 : 12 + len(sub)] = sub
     with contextlib.suppress(FormatError):
         parse_footer(bytes(footer), 1 << 40)
+
+
+def footer_with_offset_text(kind: str, text: bytes) -> bytes:
+    """A footer whose 16 offset characters are ``text``, verbatim."""
+    if kind == "estargz":
+        footer = bytearray(estargz_footer(0))
+        footer[16:32] = text
+    else:
+        footer = bytearray(legacy_footer(0))
+        footer[12:28] = text
+    return bytes(footer)
+
+
+@pytest.mark.parametrize("kind", ["estargz", "legacy"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"0x00000000000010",  # Python's int(s, 16) takes a 0x prefix, Go's ParseInt does not
+        b"0000_0000_0000_1",  # nor digit separators
+        b" 00000000000010 ",  # nor blanks
+        b"000000000000010\n",
+        b"00000000000001g0",
+        b"ffffffffffffffff",  # beyond int64: Go's ParseInt fails too
+    ],
+)
+def test_footer_offset_is_parsed_like_go(kind: str, text: bytes) -> None:
+    with pytest.raises(FormatError, match=r"not hexadecimal|out of range"):
+        parse_footer(footer_with_offset_text(kind, text), 1 << 40)
+
+
+@pytest.mark.parametrize("kind", ["estargz", "legacy"])
+def test_footer_offset_sign_and_case_like_go(kind: str) -> None:
+    for text, value in ((b"+00000000000001f", 31), (b"00000000000001Ff", 511)):
+        footer = parse_footer(footer_with_offset_text(kind, text), 1 << 40)
+        assert footer is not None and footer.toc_offset == value
+    with pytest.raises(FormatError, match="outside the blob"):
+        parse_footer(footer_with_offset_text(kind, b"-000000000000001"), 1 << 40)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    offset=st.integers(0, (1 << 64) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 46), st.integers(1, 255)), max_size=4),
+    cut=st.integers(0, 47),
+    size=st.integers(0, 1 << 40),
+)
+def test_fuzz_legacy_footers(
+    offset: int, flips: list[tuple[int, int]], cut: int, size: int
+) -> None:
+    footer = bytearray(legacy_footer(offset))
+    for at, bits in flips:
+        footer[at] ^= bits
+    tail = bytes(footer[cut:])
+    size = max(size, len(tail))
+    try:
+        found = parse_footer(tail, size)
+    except FormatError:
+        return
+    if found is not None:
+        assert 0 <= found.toc_offset < size - found.footer_size
+
+
+async def test_legacy_blob_reads_and_its_damage_is_reported() -> None:
+    import gzip
+
+    payload = gzip.compress(b"legacy!", mtime=0)
+    digest = "sha256:" + hashlib.sha256(b"legacy!").hexdigest()
+    entry = {"name": "l.txt", "type": "reg", "size": 7, "offset": 0, "digest": digest}
+    blob = legacy_blob_with_toc(toc(entry), payload)
+    raw = await read_toc(BytesSource(blob))
+    assert raw.footer.dialect == "stargz-legacy" and raw.footer.footer_size == 47
+    index = await index_of_bytes(blob)
+    file = index.resolve("l.txt")
+    assert file is not None
+    assert await read_file_range(BytesSource(blob), index, file, 0, 7) == b"legacy!"
+    bad = bytearray(blob)
+    bad[-47 + 12] = ord("x")
+    with pytest.raises(FormatError, match="hexadecimal"):
+        await read_toc(BytesSource(bytes(bad)))
 
 
 json_values = st.recursive(

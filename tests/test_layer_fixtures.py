@@ -7,7 +7,7 @@ import hashlib
 from typing import Any
 
 import pytest
-from layer_helpers import CASES, FIXTURES, CountingSource, expected, index_of
+from layer_helpers import CASES, FIXTURES, CountingSource, as_legacy, expected, index_of
 
 from stargzfs.errors import DigestMismatchError, IntegrityError
 from stargzfs.formats.footer import LayerFormat
@@ -192,3 +192,25 @@ async def test_bad_toc_digest_leaves_no_cached_index(tmp_path: Any) -> None:
     with pytest.raises(DigestMismatchError, match="TOC"):
         await load_index(FileSource(FIXTURES / "basic.esgz"), bad, cache_dir=tmp_path)
     assert not [p for p in (tmp_path / "index").iterdir()]
+
+
+@pytest.mark.parametrize("case", ["basic", "chunked", "prioritized"])
+async def test_legacy_footer_blob_reads_like_the_estargz_one(case: str) -> None:
+    """The same blob behind a legacy 47-byte stargz footer gives the same view and contents."""
+    exp = expected(case)
+    source = BytesSource(as_legacy((FIXTURES / CASES[case]).read_bytes()))
+    toc = await read_toc(source, exp["annotations"])
+    assert toc.footer.dialect == "stargz-legacy" and toc.footer.footer_size == 47
+    assert toc.toc_digest == exp["toc_digest"] and toc.verified
+    index = await index_of(source, exp["annotations"])
+    reference = await index_of(FileSource(FIXTURES / CASES[case]), exp["annotations"])
+    assert [(p, view(index, e)) for p, e in index.walk()] == [
+        (p, view(reference, e)) for p, e in reference.walk()
+    ]
+    for want in exp["entries"]:
+        if want["sha256"] is None:
+            continue
+        entry = index.resolve(want["path"])
+        assert entry is not None
+        data = b"".join([piece async for piece in iter_file(source, index, entry)])
+        assert hashlib.sha256(data).hexdigest() == want["sha256"], want["path"]

@@ -14,6 +14,7 @@ Pure byte logic. Four footers exist in the wild (see ``shared/formats.md``):
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass
 
@@ -91,13 +92,21 @@ def _gzip_extra_footer(tail: bytes) -> bytes | None:
     return tail[12 : 12 + xlen]
 
 
+# What Go's strconv.ParseInt(s, 16, 64) accepts (upstream's parser): an optional sign and hex
+# digits only. Python's int(s, 16) would also take "0x", "_" separators and blanks.
+_GO_HEX = re.compile(rb"[+-]?[0-9a-fA-F]+")
+
+
 def _parse_stargz_payload(payload: bytes, what: str) -> int:
     if len(payload) != 22 or payload[16:] != b"STARGZ":
         raise FormatError(f"{what} footer: bad magic")
-    try:
-        return int(payload[:16].decode("ascii"), 16)
-    except ValueError as e:
-        raise FormatError(f"{what} footer: TOC offset is not hexadecimal") from e
+    text = payload[:16]
+    if not _GO_HEX.fullmatch(text):
+        raise FormatError(f"{what} footer: TOC offset {text!r} is not hexadecimal")
+    value = int(text, 16)
+    if not -(1 << 63) <= value < 1 << 63:
+        raise FormatError(f"{what} footer: TOC offset {text!r} is out of range")
+    return value
 
 
 def parse_footer(tail: bytes, blob_size: int) -> Footer | None:
