@@ -412,6 +412,45 @@ async def test_dest_conflicts(fixture_image: str, tmp_path: Path) -> None:
     assert (empty / "usr/bin/hello").is_file()
 
 
+def test_cli_force_over_files_and_docker_archive_conflicts(
+    fixture_image: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file or a symlink at DEST is refused (exit 2, left alone) unless --force, which
+    replaces it (a symlink is replaced, never followed). docker-archive refuses an existing
+    file unless --force and a directory even with it."""
+    base = ["pull", fixture_image, "-q", "--cache-dir", str(tmp_path / "cache")]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*base, str(afile)]) == 2
+    assert "--force" in capsys.readouterr().err and afile.read_text() == "x"
+    assert main([*base, str(afile), "--force"]) == 0
+    assert afile.is_dir() and (afile / "usr/bin/hello").is_file()
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "mine").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main([*base, str(link)]) == 2
+    assert main([*base, str(link), "--force"]) == 0
+    assert not link.is_symlink() and (link / "usr/bin/hello").is_file()
+    assert sorted(os.listdir(target)) == ["mine"]
+    # docker-archive
+    archive = tmp_path / "image.tar"
+    archive.write_bytes(b"old")
+    assert main([*base, str(archive), "--format", "docker-archive"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert archive.read_bytes() == b"old"
+    assert main([*base, str(archive), "--format", "docker-archive", "--force"]) == 0
+    with tarfile.open(archive) as tar:
+        listing = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+    assert listing[0]["RepoTags"] == [fixture_image]
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    assert main([*base, str(adir), "--format", "docker-archive", "--force"]) == 2
+    assert "is a directory" in capsys.readouterr().err and list(adir.iterdir()) == []
+    assert not [p.name for p in tmp_path.iterdir() if ".stargzfs-" in p.name]
+
+
 # --------------------------------------------------------------------------- layouts
 
 
