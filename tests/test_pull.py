@@ -38,6 +38,7 @@ from stargzfs.errors import (
     UnsafePathError,
     UsageError,
 )
+from stargzfs.pull.progress import human_bytes
 from stargzfs.pull.pull import PullOptions, pull
 from stargzfs.reference import Platform
 from stargzfs.registry import RegistryClient, RetryPolicy
@@ -642,6 +643,34 @@ async def test_second_pull_hits_the_cache(
     assert registry_proxy.bytes_sent >= len(big_ref[1].data)
     assert not (tmp_path / "c2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_other_image_sharing_a_layer_reuses_the_cached_blob(
+    registry: Registry, gated: GatedProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two images in different repositories share their base layer: pulling the second
+    one after the first takes the base from the cache (not from the registry) and says so."""
+    base = layer(make_tar({"base.bin": os.urandom(700_000)}))
+    top_a, top_b = layer(make_tar({"who": b"a"})), layer(make_tar({"who": b"b"}))
+    ref_a = push(registry, tmp_path, "pull/share-a", [base, top_a])
+    ref_b = push(registry, tmp_path, "pull/share-b", [base, top_b])
+    cache = str(tmp_path / "cache")
+    a = ref_a.replace(registry.host, gated.host)
+    assert main(["pull", a, str(tmp_path / "a"), "--cache-dir", cache]) == 0
+    assert "cache hits: 0, bytes saved: 0 B" in capsys.readouterr().err
+    assert gated.bytes_sent[base.digest] == len(base.data)
+    gated.reset()
+    b = ref_b.replace(registry.host, gated.host)
+    assert main(["pull", b, str(tmp_path / "b"), "--cache-dir", cache]) == 0
+    err = capsys.readouterr().err
+    summary = err.splitlines()[-1]
+    assert summary.startswith("pulled 2 layer(s)"), err
+    assert f"cache hits: 1, bytes saved: {human_bytes(len(base.data))}" in summary
+    assert f"downloaded {human_bytes(len(top_b.data))}" in summary
+    assert gated.bytes_sent[base.digest] == 0
+    assert gated.bytes_sent[top_b.digest] == len(top_b.data)
+    assert (tmp_path / "b/who").read_bytes() == b"b"
+    assert (tmp_path / "b/base.bin").read_bytes() == (tmp_path / "a/base.bin").read_bytes()
 
 
 async def test_resume_from_partial(
