@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from gated_proxy import GatedProxy
 from harness import FIXTURE_MANIFEST_DIGEST, Registry, RegistryFactory
 from harness.oci import gzip_layer, make_tar, write_oci_layout
 
@@ -460,3 +461,26 @@ def test_killed_push_process_rerun(registry_factory: RegistryFactory, tmp_path: 
     assert "resuming a previous session" in res.stderr or "session is gone" in res.stderr
     assert _uploads(reg, started) == 1 and _uploads(reg, other) == 1
     _skopeo(reg, "copy", "--quiet", f"docker://{ref}", f"oci:{tmp_path / 'back'}:v1")
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_push_jobs_blobs_in_flight(
+    registry: Registry, tmp_path: Path, jobs: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every upload request (POST, PATCH, PUT) takes 0.2 s at a proxy: with --jobs 3 the
+    three layers' uploads overlap there, with --jobs 1 they never do."""
+    layout = _big_layout(tmp_path / "l", [200_000, 200_000, 200_000], seed=20 + jobs)
+    mdigest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    with GatedProxy(registry.host) as proxy:
+        proxy.delay["upload"] = 0.2
+        ref = f"{proxy.host}/push-jobs/j{jobs}:v1"
+        assert main(["push", f"oci:{layout}:v1", ref, "--jobs", str(jobs)]) == 0
+        assert capsys.readouterr().out.strip() == mdigest
+        puts = [r for r in proxy.requests if r[0] == "PUT" and "/blobs/uploads/" in r[1]]
+        assert len(puts) == 4  # three layers and the config, each sent in one PUT
+        if jobs == 1:
+            assert proxy.max_in_flight["upload"] == 1
+        else:
+            assert proxy.max_in_flight["upload"] >= 2
+    pushed = registry.ref(f"push-jobs/j{jobs}:v1")
+    assert json.loads(_skopeo(registry, "inspect", f"docker://{pushed}"))["Digest"] == mdigest
