@@ -144,34 +144,66 @@ def test_layout_helper_round_trip(tmp_path: Path) -> None:
     assert (layout / "index.json").is_file()
 
 
-def cat(ref: str, path: str) -> subprocess.CompletedProcess[bytes]:
+def stargzfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "stargzfs", "cat", ref, path], capture_output=True, timeout=120
+        [sys.executable, "-m", "stargzfs", *argv], capture_output=True, timeout=120
     )
+
+
+def cat(ref: str, path: str) -> subprocess.CompletedProcess[bytes]:
+    return stargzfs("cat", ref, path)
+
+
+def arm(proxy: RegistryProxy, fault: str, count: int = 1) -> None:
+    """Make the proxy misbehave; the one-shot faults (429, 503, drop) hit the next ``count``
+    requests only, so they are armed again before each command."""
+    if fault == "ranges":
+        proxy.ranges = "ignore"
+    elif fault == "multirange":
+        proxy.multirange = "refuse"
+    elif fault in ("429", "503"):
+        proxy.fail_next(int(fault), count=count, retry_after="0" if fault == "429" else None)
+    elif fault == "drop":
+        proxy.drop_next(count=1, after=2000)
+    elif fault == "redirect":
+        proxy.redirect_blobs = True
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> bytes:
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+    return result.stdout
 
 
 @pytest.mark.parametrize(
     "fault", ["none", "ranges", "multirange", "429", "503", "drop", "redirect"]
 )
-def test_cat_command_through_faults(
-    big_image: str, registry_proxy: RegistryProxy, fault: str
+def test_commands_through_faults(
+    big_image: str, registry_proxy: RegistryProxy, fault: str, tmp_path: Path
 ) -> None:
+    """cat, ls -R, get of a directory and layers: the right output through each fault."""
+    import json
+
     ref = f"{registry_proxy.host}/{big_image}"
-    if fault == "ranges":
-        registry_proxy.ranges = "ignore"
-    elif fault == "multirange":
-        registry_proxy.multirange = "refuse"
-    elif fault in ("429", "503"):
-        registry_proxy.fail_next(int(fault), count=2, retry_after="0" if fault == "429" else None)
-    elif fault == "drop":
-        registry_proxy.drop_next(count=1, after=2000)
-    elif fault == "redirect":
-        registry_proxy.redirect_blobs = True
-    out = cat(ref, "opt/big.bin")
-    assert out.returncode == 0, out.stderr
-    assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(BIG).digest()
-    small = cat(ref, "etc/small-2.conf")
-    assert small.stdout == SMALL["etc/small-2.conf"]
+    arm(registry_proxy, fault, count=2)  # two in a row: the backoff goes on
+    out = ok(cat(ref, "opt/big.bin"))
+    assert hashlib.sha256(out).digest() == hashlib.sha256(BIG).digest()
+    arm(registry_proxy, fault)
+    assert ok(cat(ref, "etc/small-2.conf")) == SMALL["etc/small-2.conf"]
+
+    arm(registry_proxy, fault)
+    listed = ok(stargzfs("ls", "-R", ref)).decode().splitlines()
+    assert listed == ["etc", *sorted(SMALL), "opt", "opt/big.bin"]
+
+    arm(registry_proxy, fault)
+    dest = tmp_path / "etc"
+    ok(stargzfs("get", ref, "etc", str(dest)))
+    assert {f"etc/{p.name}": p.read_bytes() for p in dest.iterdir()} == SMALL
+
+    arm(registry_proxy, fault)
+    (layer,) = json.loads(ok(stargzfs("layers", "--json", ref)))["layers"]
+    assert (layer["format"], layer["lazy"], layer["verified"]) == ("estargz", True, True)
+    assert layer["entries"] > len(SMALL)  # the 51 files (and directories): the TOC was read
 
 
 def test_cat_fetches_only_what_it_needs(big_image: str, registry_proxy: RegistryProxy) -> None:
