@@ -153,6 +153,51 @@ def test_push_docker_archive_round_trip(
     assert "0 blob(s) uploaded" in out.err
 
 
+def test_push_docker_archive_tampered_layer_is_exit_6(
+    registry: Registry, oci_layout: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte changed inside an uncompressed layer of a ``docker save`` archive: the layer no
+    longer matches the config's diff_id, so nothing is pushed (exit 6, the layer named)."""
+    import tarfile
+
+    archive = tmp_path / "image.tar"
+    subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            f"oci:{oci_layout}:v1",
+            f"docker-archive:{archive}:example/two:v1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with tarfile.open(archive) as tar:
+        listing = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        name = listing[0]["Layers"][1]
+        member = tar.getmember(name)
+        config = json.loads(tar.extractfile(listing[0]["Config"]).read())  # type: ignore[union-attr]
+    with open(archive, "r+b") as f:
+        at = member.offset_data + member.size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ref = registry.ref("push-archive/tampered:v1")
+    assert main(["push", f"docker-archive:{archive}", ref]) == 6
+    err = capsys.readouterr().err
+    assert f"layer 1 ({name})" in err and "diff_id" in err
+    assert config["rootfs"]["diff_ids"][1] in err
+    listed = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--no-creds", f"docker://{ref}"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert listed.returncode != 0  # no manifest was pushed
+
+
 def test_push_rootfs_dir(
     registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

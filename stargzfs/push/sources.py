@@ -8,8 +8,10 @@ each blob where its bytes are on disk. Nothing is loaded into memory whole:
 * ``docker-archive:FILE[:NAME:TAG]`` or a bare ``FILE``: blobs are read in place inside the
   tar (members are stored, not compressed, in the archive). Uncompressed layers are gzipped
   (deterministically: same archive, same digests, so a re-push skips them) into a temporary
-  directory; the config is used as is, so the image ID and diff_ids do not change. The
-  manifest is a Docker schema 2 manifest, as ``docker push`` makes.
+  directory, their sha256 checked against the config's ``rootfs.diff_ids`` on the way (a
+  mismatch is a :class:`~stargzfs.errors.DigestMismatchError` naming the layer); the config
+  is used as is, so the image ID and diff_ids do not change. The manifest is a Docker
+  schema 2 manifest, as ``docker push`` makes.
 * ``dir-rootfs:DIR``: the directory is packed as one layer (sorted, numeric owners kept) with
   a fresh config for the host platform.
 """
@@ -31,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, NotFoundError, UsageError
+from ..errors import DigestMismatchError, FormatError, NotFoundError, UsageError
 from ..image import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -382,6 +384,17 @@ def _archived_manifest(tar: tarfile.TarFile, path: str, config_digest: str) -> L
     return None
 
 
+def _config_diff_ids(data: bytes, name: str, archive: str) -> list[str]:
+    """The config's ``rootfs.diff_ids``."""
+    try:
+        diff_ids = json.loads(data)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise FormatError(f"{archive}: {name} is not an image config with diff_ids") from None
+    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
+        raise FormatError(f"{archive}: {name}: rootfs.diff_ids is not a list of digests")
+    return diff_ids
+
+
 def open_docker_archive(
     path: str, ref: str | None, *, workdir: str | None = None, jobs: int = 3
 ) -> LocalImage:
@@ -424,6 +437,12 @@ def open_docker_archive(
         cf = tar.extractfile(cinfo)
         assert cf is not None
         config_data = cf.read()
+        diff_ids = _config_diff_ids(config_data, config_name, path)
+        if len(diff_ids) != len(layer_names):
+            raise FormatError(
+                f"{path}: manifest.json lists {len(layer_names)} layer(s), the config "
+                f"{len(diff_ids)} diff_id(s)"
+            )
         linfos = [_member(tar, n, path) for n in layer_names]
         verbatim = _archived_manifest(tar, path, _sha256(config_data))
     if verbatim is not None:
@@ -449,7 +468,13 @@ def open_docker_archive(
             out = os.path.join(tmp, f"layer{i}.tar.gz")
             src = LocalBlob("", info.size, "", path, info.offset_data).open()
             with src:
-                digest, size, _diff_id = _gzip_file(src, out)
+                digest, size, diff_id = _gzip_file(src, out)
+            if diff_id != diff_ids[i]:
+                raise DigestMismatchError(
+                    f"{path}: layer {i} ({layer_names[i]}) against the config's diff_id",
+                    diff_ids[i],
+                    diff_id,
+                )
             return LocalBlob(digest, size, DOCKER_LAYER_GZIP, out)
 
         with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
