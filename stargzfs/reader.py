@@ -7,7 +7,8 @@ This is the plain path (no cache, no coalescing); the mount's chunk reader build
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 
 import trio
 
@@ -15,9 +16,17 @@ from .cache import ChunkCache
 from .errors import FormatError
 from .formats.decompress import inflate_range, verify_sha256
 from .index.layer_index import Chunk, Entry, LayerIndex
-from .source import ByteSource
+from .source import ByteSource, check_range
 
-__all__ = ["ChunkReader", "decode_chunk", "iter_file", "read_chunk", "read_file_range"]
+__all__ = [
+    "ChunkReader",
+    "FetchGate",
+    "decode_chunk",
+    "iter_file",
+    "read_chunk",
+    "read_file_range",
+    "stream_range",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +84,102 @@ async def iter_file(source: ByteSource, index: LayerIndex, entry: Entry) -> Asyn
         yield await read_chunk(source, index, chunk, what)
 
 
+class FetchGate:
+    """On-demand fetches go first; background work (prefetch, ``--background-fetch``,
+    read-ahead) waits its turn. Shared by the readers of one view (one image, one registry
+    host in practice).
+
+    * A background request starts only while no on-demand fetch is in progress, and at most
+      ``background_slots`` of them run at once, so most of the client's per-host connections
+      stay free for readers even when background work is already under way.
+    * On-demand fetches never wait here.
+    """
+
+    def __init__(self, background_slots: int = 2) -> None:
+        self._background = trio.CapacityLimiter(background_slots)
+        self._foreground = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def foreground_active(self) -> int:
+        return self._foreground
+
+    @asynccontextmanager
+    async def foreground(self) -> AsyncIterator[None]:
+        if self._foreground == 0:
+            self._idle = trio.Event()
+        self._foreground += 1
+        try:
+            yield
+        finally:
+            self._foreground -= 1
+            if self._foreground == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        async with self._background:
+            while self._foreground:
+                await self._idle.wait()
+            yield
+
+
+async def stream_range(
+    source: ByteSource, offset: int, length: int, piece: int = 8 << 20
+) -> AsyncGenerator[bytes, None]:
+    """``[offset, offset+length)`` of ``source`` in pieces, never whole: a registry blob as
+    one streamed range request decoded as it arrives, anything else ``piece`` bytes at a
+    time. Use it as ``async with aclosing(stream_range(...))``."""
+    if length <= piece:
+        yield await source.read_at(offset, length)
+        return
+    from .registry.blob_source import RegistryBlobSource
+    from .source import TailCachedSource
+
+    inner = source.inner if isinstance(source, TailCachedSource) else source
+    if isinstance(inner, RegistryBlobSource):
+        check_range(inner.size, offset, length, f"blob {inner.digest}")
+        pieces = inner.client.stream_blob_range(inner.repo, inner.digest, offset, length)
+        async with aclosing(pieces):
+            async for data in pieces:
+                yield data
+        return
+    for start in range(offset, offset + length, piece):
+        yield await source.read_at(start, min(piece, offset + length - start))
+
+
 class ChunkReader:
     """Chunk reads for one layer through a :class:`ChunkCache`.
 
-    * Single flight: readers of a chunk that is being fetched wait for that fetch.
+    * Single flight: readers of a chunk that is being fetched wait for that fetch, whoever
+      started it (another reader, read-ahead, the prefetch or the background fetch).
     * Coalescing: the missing chunks of one read are fetched with one range request per
       contiguous run of compressed bytes (small gaps are read through).
     * Read-ahead: a sequential reader of a multi-chunk file gets the next chunks fetched in
       the background while it consumes the current one.
+    * Priority: background fetches go through the :class:`FetchGate` (on-demand first).
+    * Memory: a large run is streamed and decoded as it arrives, chunk by chunk; a waiter
+      is released as soon as its chunk is cached, not when the whole run is.
     """
 
     READ_AHEAD = 2  # chunks
     MAX_GAP = 64 * 1024  # compressed bytes read through to merge two runs
     NEAR = 2 << 20  # a read this close to the previous one's end counts as sequential
+    PIECE = 8 << 20  # runs larger than this are streamed, not held whole
+    DECODE_BATCH = 1 << 20  # compressed bytes decoded per thread hop while streaming
 
-    def __init__(self, source: ByteSource, index: LayerIndex, cache: ChunkCache) -> None:
+    def __init__(
+        self,
+        source: ByteSource,
+        index: LayerIndex,
+        cache: ChunkCache,
+        gate: FetchGate | None = None,
+    ) -> None:
         self.source = source
         self.index = index
         self.cache = cache
+        self.gate = gate if gate is not None else FetchGate()
         self._inflight: dict[tuple[int, int], trio.Event] = {}
         self._last_end: dict[int, int] = {}  # inode -> end of its last read (sequential?)
         self.fetches = 0  # chunks fetched from the source
@@ -120,9 +207,8 @@ class ChunkReader:
             data = await read_chunk(self.source, self.index, chunk, what)
         return data
 
-    async def _fetch_run(self, run: list[Chunk], what: str) -> None:
-        """Fetch chunks whose compressed ranges are (nearly) adjacent with one request,
-        verify each and cache it. Chunks already in flight elsewhere are left to that."""
+    def _claim(self, run: list[Chunk]) -> list[tuple[Chunk, trio.Event]]:
+        """Register the chunks nobody is fetching and that are not in memory as ours."""
         mine: list[tuple[Chunk, trio.Event]] = []
         for chunk in run:
             assert chunk.digest is not None
@@ -130,47 +216,123 @@ class ChunkReader:
                 continue
             event = self._inflight[_key(chunk)] = trio.Event()
             mine.append((chunk, event))
+        return mine
+
+    async def _fetch_run(self, run: list[Chunk], what: str, background: bool = False) -> int:
+        """Fetch chunks whose compressed ranges are (nearly) adjacent with one request,
+        verify each and cache it. Chunks already in flight elsewhere are left to that.
+        Background runs wait for the gate first and only then claim their chunks, so an
+        on-demand reader never waits behind a background fetch that has not started."""
+        if background:
+            async with self.gate.background():
+                return await self._fetch_claimed(self._claim(run), what)
+        async with self.gate.foreground():
+            return await self._fetch_claimed(self._claim(run), what)
+
+    async def _fetch_claimed(self, mine: list[tuple[Chunk, trio.Event]], what: str) -> int:
         if not mine:
-            return
+            return 0
         try:
             start, end = mine[0][0].comp_offset, max(c.comp_end for c, _ in mine)
             self.requests += 1
             self.fetches += len(mine)
-            comp = await self.source.read_at(start, end - start)
             compression = self.index.compression
 
-            def decode_all() -> None:
-                for chunk, _ in mine:
-                    piece = comp[chunk.comp_offset - start : chunk.comp_end - start]
+            def decode(batch: list[tuple[Chunk, trio.Event]], buf: bytes, at: int) -> None:
+                for chunk, _ in batch:
+                    piece = buf[chunk.comp_offset - at : chunk.comp_end - at]
                     data = decode_chunk(compression, piece, chunk, what)
                     assert chunk.digest is not None
                     self.cache.put(chunk.digest, data)
 
-            await trio.to_thread.run_sync(decode_all)
+            if end - start <= self.PIECE:
+                comp = await self.source.read_at(start, end - start)
+                await trio.to_thread.run_sync(decode, mine, comp, start)
+                return len(mine)
+            # Large (prefetch, background fetch): decode as the bytes arrive, release each
+            # chunk's waiters at once, keep only the undecoded tail in memory.
+            buf, at, todo = bytearray(), start, 0
+            pieces = stream_range(self.source, start, end - start, self.PIECE)
+            async with aclosing(pieces):
+                async for data in pieces:
+                    buf += data
+                    have = at + len(buf)
+                    ready = todo
+                    while ready < len(mine) and mine[ready][0].comp_end <= have:
+                        ready += 1
+                    if ready == todo:
+                        continue
+                    span = mine[ready - 1][0].comp_end - mine[todo][0].comp_offset
+                    if span < self.DECODE_BATCH and ready < len(mine):
+                        continue
+                    batch = mine[todo:ready]
+                    await trio.to_thread.run_sync(decode, batch, bytes(buf), at)
+                    for _, event in batch:
+                        event.set()
+                    todo = ready
+                    keep = mine[todo][0].comp_offset if todo < len(mine) else have
+                    del buf[: keep - at]
+                    at = keep
+            if todo < len(mine):  # the source ended early: a truncated blob
+                raise FormatError(f"{what}: blob ended before byte {end}")
+            return len(mine)
         finally:
             for chunk, event in mine:
-                del self._inflight[_key(chunk)]
+                if self._inflight.get(_key(chunk)) is event:
+                    del self._inflight[_key(chunk)]
                 event.set()
 
     def _runs(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        gap = self.MAX_GAP
         runs: list[list[Chunk]] = []
         for chunk in sorted(chunks, key=lambda c: c.comp_offset):
-            if runs and 0 <= chunk.comp_offset - runs[-1][-1].comp_end <= self.MAX_GAP:
+            if runs and 0 <= chunk.comp_offset - runs[-1][-1].comp_end <= gap:
                 runs[-1].append(chunk)
+            elif runs and chunk.comp_offset == runs[-1][-1].comp_offset:
+                runs[-1].append(chunk)  # packed chunks sharing one compressed member
             else:
                 runs.append([chunk])
         return runs
 
-    async def warm(self, chunks: list[Chunk], what: str) -> None:
-        """Make sure these chunks are cached, fetching the missing ones in coalesced runs."""
+    async def _missing(self, chunks: list[Chunk]) -> list[Chunk]:
         verified = [c for c in chunks if c.digest is not None]
-        missing = await trio.to_thread.run_sync(
+        return await trio.to_thread.run_sync(
             lambda: [c for c in verified if c.digest is not None and not self.cache.has(c.digest)]
         )
+
+    async def warm(self, chunks: list[Chunk], what: str, background: bool = False) -> int:
+        """Make sure these chunks are cached, fetching the missing ones in coalesced runs
+        (``background``: at low priority). Returns how many chunks this call fetched."""
+        missing = await self._missing(chunks)
+        fetched = 0
+
+        async def run_one(run: list[Chunk]) -> None:
+            nonlocal fetched
+            fetched += await self._fetch_run(run, what, background)
+
         if missing:
             async with trio.open_nursery() as nursery:
                 for run in self._runs(missing):
-                    nursery.start_soon(self._fetch_run, run, what)
+                    nursery.start_soon(run_one, run)
+        return fetched
+
+    async def prefetch(self, end: int, what: str) -> int | None:
+        """Fetch every chunk before blob offset ``end`` (the prioritized range) at low
+        priority, in as few streamed requests as the cache allows (normally one). Returns
+        how many chunks it fetched, or None if all were cached already. On-demand readers of
+        these chunks share the fetch instead of making their own."""
+        chunks = await trio.to_thread.run_sync(self.index.chunks_before, end)
+        missing = await self._missing(chunks)
+        if not missing:
+            return None
+        fetched = 0
+        async with self.gate.background():
+            # Read on demand while we waited for the gate: not ours to fetch any more.
+            missing = await self._missing(missing)
+            # One request for the whole range unless chunks read meanwhile split it.
+            for run in self._runs(missing):
+                fetched += await self._fetch_claimed(self._claim(run), what)
+        return fetched
 
     async def read(self, entry: Entry, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)`` of a regular file (short at end of file)."""
@@ -198,7 +360,7 @@ class ChunkReader:
 
     async def _background_warm(self, chunks: list[Chunk], what: str) -> None:
         try:
-            await self.warm(chunks, what)
+            await self.warm(chunks, what, background=True)
         except Exception as e:  # read-ahead is an optimisation: the real read will report
             log.debug("read-ahead in %s failed: %s", what, e)
 

@@ -13,7 +13,7 @@ import trio
 from .cache import ChunkCache
 from .errors import NotFoundError, UsageError
 from .index import Chunk, LayerIndex, MergedTree, Node
-from .reader import ChunkReader, decode_chunk, iter_file
+from .reader import ChunkReader, FetchGate, iter_file
 from .source import ByteSource
 
 __all__ = ["ImageView", "LayerView"]
@@ -35,7 +35,11 @@ class ImageView:
         self.layers = list(layers)
         self.tree = MergedTree([layer.index for layer in self.layers])
         self.cache = cache if cache is not None else ChunkCache(None)
-        self.readers = [ChunkReader(lv.source, lv.index, self.cache) for lv in self.layers]
+        # One gate for the image: background work of any layer yields to on-demand reads.
+        self.gate = FetchGate()
+        self.readers = [
+            ChunkReader(lv.source, lv.index, self.cache, self.gate) for lv in self.layers
+        ]
         self.prefetch_state: dict[str, str] = {}
 
     def resolve(self, path: str) -> Node:
@@ -51,59 +55,50 @@ class ImageView:
         return await self.readers[node.layer].read(node.entry, offset, size)
 
     async def prefetch(self, position: int) -> int:
-        """Fetch a layer's prioritized range (everything before ``.prefetch.landmark``) in
-        one request and cache its chunks; returns how many were cached."""
-        layer = self.layers[position]
+        """Fetch a layer's prioritized range (everything before ``.prefetch.landmark``) at
+        low priority, streamed in one request, and cache its chunks; returns how many this
+        fetched. It goes through the layer reader's single flight: a file read on demand
+        meanwhile is fetched once, by whichever asked first."""
+        layer, reader = self.layers[position], self.readers[position]
         end = layer.index.prefetch_end
         if not end:
             return 0
         self.prefetch_state[layer.name] = "running"
-        def uncached() -> list[Chunk]:
-            return [
-                c
-                for c in layer.index.chunks_before(end)
-                if c.digest is not None and not self.cache.has(c.digest)
-            ]
-
-        chunks = await trio.to_thread.run_sync(uncached)
-        if not chunks:  # a remount with a warm cache: nothing to fetch
+        try:
+            stored = await reader.prefetch(end, f"{layer.name} prefetch")
+        except Exception as e:
+            self.prefetch_state[layer.name] = f"failed ({e})"
+            raise
+        if stored is None:  # a remount with a warm cache: nothing to fetch
             self.prefetch_state[layer.name] = "done (cached)"
             return 0
-        data = await layer.source.read_at(0, end)
-        compression = layer.index.compression
-
-        def decode_all() -> int:
-            stored = 0
-            for chunk in chunks:
-                assert chunk.digest is not None
-                comp = data[chunk.comp_offset : chunk.comp_end]
-                what = f"{layer.name} prefetch"
-                self.cache.put(chunk.digest, decode_chunk(compression, comp, chunk, what))
-                stored += 1
-            return stored
-
-        stored = await trio.to_thread.run_sync(decode_all)
         self.prefetch_state[layer.name] = f"done ({stored} chunks)"
         return stored
 
     async def background_fetch(self, position: int, batch: int = 8 << 20) -> int:
-        """Fetch the rest of a layer, a batch of adjacent chunks at a time, one batch in
-        flight per layer so that on-demand reads keep most of the connections."""
+        """Fetch the rest of a layer, a batch of adjacent chunks at a time, at low priority
+        (see :class:`~stargzfs.reader.FetchGate`) so that on-demand reads go first."""
         layer, reader = self.layers[position], self.readers[position]
-        chunks = await trio.to_thread.run_sync(layer.index.chunks_before, layer.index.toc_offset)
-        self.prefetch_state[layer.name + " (background)"] = "running"
-        done = 0
-        group: list[Chunk] = []
-        for chunk in chunks:
-            group.append(chunk)
-            if group[-1].comp_end - group[0].comp_offset >= batch:
-                await reader.warm(group, f"{layer.name} background fetch")
-                done += len(group)
-                group = []
-        if group:
-            await reader.warm(group, f"{layer.name} background fetch")
-            done += len(group)
-        self.prefetch_state[layer.name + " (background)"] = f"done ({done} chunks)"
+        key = layer.name + " (background)"
+        self.prefetch_state[key] = "running"
+        try:
+            chunks = await trio.to_thread.run_sync(
+                layer.index.chunks_before, layer.index.toc_offset
+            )
+            done = 0
+            group: list[Chunk] = []
+            what = f"{layer.name} background fetch"
+            for chunk in chunks:
+                group.append(chunk)
+                if group[-1].comp_end - group[0].comp_offset >= batch:
+                    done += await reader.warm(group, what, background=True)
+                    group = []
+            if group:
+                done += await reader.warm(group, what, background=True)
+        except Exception as e:
+            self.prefetch_state[key] = f"failed ({e})"
+            raise
+        self.prefetch_state[key] = f"done ({done} chunks)"
         return done
 
     def stats(self) -> dict[str, object]:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
-from layer_helpers import FIXTURES, CountingSource, index_of
+from layer_helpers import FIXTURES, CountingSource, expected, index_of
 
 from stargzfs.cache import ChunkCache
-from stargzfs.reader import ChunkReader
-from stargzfs.source import FileSource
+from stargzfs.reader import ChunkReader, FetchGate
+from stargzfs.source import ByteSource, FileSource
+from stargzfs.view import ImageView, LayerView
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent")
 BIG = "data/random-300000.bin"
@@ -87,15 +89,14 @@ def test_memory_only_cache_is_bounded() -> None:
 
 
 async def test_prefetch_caches_prioritized_files_with_one_read() -> None:
-    from stargzfs.view import ImageView, LayerView
-
     source = CountingSource(FileSource(FIXTURES / "prioritized.esgz"))
     index = await index_of(source)
     source.reads.clear()
     view = ImageView([LayerView(source, index, "prioritized")])
     stored = await view.prefetch(0)
-    assert source.reads == [(0, index.prefetch_end)]
-    prio = set(__import__("layer_helpers").expected("prioritized")["prefetch_entries"])
+    # One read, from the first prioritized payload to the landmark.
+    assert len(source.reads) == 1 and sum(source.reads[0]) == index.prefetch_end
+    prio = set(expected("prioritized")["prefetch_entries"])
     files = [p for p in prio if (e := index.resolve(p)) is not None and e.kind == "reg"]
     assert stored == len(files) > 0
     for path in files:
@@ -139,3 +140,150 @@ def test_disk_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None
     assert cache.get(digests[0]) == blobs[0]  # recently used: kept
     assert cache.get(digests[1]) is None  # oldest unused: evicted
     assert cache.get(digests[4]) == blobs[4]  # newest: kept
+
+
+
+class StallingSource:
+    """Records each read as it starts; while ``stall`` is set a read waits until released
+    (``release(i)``: the i-th read, ``release_all()``)."""
+
+    def __init__(self, inner: ByteSource) -> None:
+        self.inner = inner
+        self.started: list[tuple[int, int]] = []
+        self.stall = False
+        self._gates: list[trio.Event] = []
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def read_at(self, offset: int, length: int) -> bytes:
+        self.started.append((offset, length))
+        gate = trio.Event()
+        self._gates.append(gate)
+        if self.stall:
+            await gate.wait()
+        return await self.inner.read_at(offset, length)
+
+    def forget(self) -> None:
+        self.started.clear()
+        self._gates.clear()
+
+    def release(self, i: int) -> None:
+        self._gates[i].set()
+
+    def release_all(self) -> None:
+        self.stall = False
+        for gate in self._gates:
+            gate.set()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+
+
+async def prioritized_view() -> tuple[ImageView, StallingSource, list[str]]:
+    source = StallingSource(FileSource(FIXTURES / "prioritized.esgz"))
+    index = await index_of(source)
+    source.forget()
+    prio = expected("prioritized")["prefetch_entries"]
+    files = [p for p in prio if (e := index.resolve(p)) is not None and e.kind == "reg"]
+    return ImageView([LayerView(source, index, "prioritized")]), source, files
+
+
+def sha256_of(case: str, path: str) -> str:
+    return str(next(e for e in expected(case)["entries"] if e["path"] == path)["sha256"])
+
+
+async def test_on_demand_read_during_prefetch_shares_its_fetch() -> None:
+    view, source, files = await prioritized_view()
+    node = view.resolve(files[-1])
+    source.stall = True
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await view.read(node, 0, node.entry.size))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(view.prefetch, 0)
+        await until(lambda: len(source.started) == 1)
+        nursery.start_soon(read)
+        await trio.sleep(0.1)
+        assert len(source.started) == 1  # the reader waits for the prefetch's fetch
+        source.release_all()
+    assert len(source.started) == 1, source.started  # nothing fetched twice
+    assert hashlib.sha256(got[0]).hexdigest() == sha256_of("prioritized", files[-1])
+    assert view.prefetch_state["prioritized"] == f"done ({len(files)} chunks)"
+
+
+async def test_prefetch_after_an_on_demand_read_leaves_its_chunks_out() -> None:
+    view, source, files = await prioritized_view()
+    index = view.layers[0].index
+    node = view.resolve(files[0])
+    (chunk,) = index.chunks(node.entry)
+    source.stall = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(view.read, node, 0, node.entry.size)
+        await until(lambda: len(source.started) == 1)
+        nursery.start_soon(view.prefetch, 0)
+        await trio.sleep(0.1)
+        assert len(source.started) == 1  # background work waits for on-demand fetches
+        source.release_all()
+    assert source.started[0] == (chunk.comp_offset, chunk.comp_end - chunk.comp_offset)
+    # The prefetch fetched the rest of the range only: no compressed byte twice.
+    rest = source.started[1:]
+    assert rest and all(a >= chunk.comp_end for a, _ in rest), source.started
+    assert sum(rest[-1]) == index.prefetch_end
+    assert view.prefetch_state["prioritized"] == f"done ({len(files) - 1} chunks)"
+
+
+async def test_background_fetches_yield_to_on_demand_ones_and_are_capped() -> None:
+    source = StallingSource(FileSource(FIXTURES / "chunked.esgz"))
+    index = await index_of(source)
+    source.forget()
+    reader = ChunkReader(source, index, ChunkCache(None), FetchGate(background_slots=2))
+    reader.READ_AHEAD = 0
+    reader.MAX_GAP = -1  # every chunk its own request, to count them
+    big = index.resolve(BIG)
+    assert big is not None
+    chunks = index.chunks(big)
+    source.stall = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader.read, big, 0, 10)
+        await until(lambda: len(source.started) == 1)
+        nursery.start_soon(reader.warm, chunks[2:], "background", True)
+        await trio.sleep(0.1)
+        assert len(source.started) == 1  # nothing in the background while a read fetches
+        source.release(0)
+        await until(lambda: len(source.started) == 3)
+        await trio.sleep(0.1)
+        assert len(source.started) == 3  # at most two background requests at once
+        nursery.start_soon(reader.read, big, chunks[1].file_offset, 10)  # never waits
+        await until(lambda: len(source.started) == 4)
+        assert source.started[3][0] == chunks[1].comp_offset
+        source.release_all()
+    assert reader.fetches == len(chunks)  # each once
+
+
+async def test_large_prefetch_is_streamed_in_bounded_pieces() -> None:
+    view, source, files = await prioritized_view()
+    index = view.layers[0].index
+    reader = view.readers[0]
+    reader.PIECE = 1024  # the prioritized range (~7 KB) is "large" now
+    reader.DECODE_BATCH = 512
+    assert await view.prefetch(0) == len(files)
+    start = source.started[0][0]
+    assert all(length <= 1024 for _, length in source.started)
+    # Consecutive pieces of one range, each byte once.
+    pos = start
+    for offset, length in source.started:
+        assert offset == pos
+        pos += length
+    assert pos == index.prefetch_end
+    for path in files:
+        node = view.resolve(path)
+        data = await view.read(node, 0, node.entry.size)
+        assert hashlib.sha256(data).hexdigest() == sha256_of("prioritized", path)
+    assert sum(source.started[-1]) == index.prefetch_end  # no read after the prefetch

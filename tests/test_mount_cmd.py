@@ -244,3 +244,40 @@ def test_cache_size_bounds_the_disk_cache(registry: Registry, mnt: Path, tmp_pat
     assert 0 < sum(p.stat().st_size for p in chunks) <= 600 * 1024
     stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
     assert stats["cache"]["evicted"] > 0
+
+
+def wait_for_prefetch(mnt: Path, timeout: float = 20) -> list[dict[str, object]]:
+    """The layers of `stargzfs stats --json` once no prefetch/background fetch is running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        layers: list[dict[str, object]] = json.loads(
+            stargzfs("stats", str(mnt), "--json").stdout
+        )["layers"]
+        states = [str(v) for layer in layers for k, v in layer.items() if "fetch" in k]
+        if "running" not in states or time.monotonic() > deadline:
+            return layers
+        time.sleep(0.05)
+
+
+def test_read_right_after_mount_shares_the_prefetch(
+    registry: Registry, registry_proxy: RegistryProxy, mnt: Path, tmp_path: Path
+) -> None:
+    server, rest = os.urandom(3 << 20), os.urandom(2 << 20)
+    files = {"app/bin/server": server, "app/data/rest.bin": rest, "app/etc/conf": b"x" * 100}
+    layer = estargz_layer(make_tar(files), chunk_size=1 << 20, prioritized=["app/bin/server"])
+    registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "prio/share:v1")
+    # Hold requests for the prioritized range (not the TOC at the end) for a moment, so
+    # that the read below certainly comes while the prefetch is in flight.
+    below = (3 << 20) + (512 << 10)
+    registry_proxy.delay_ranges(0.5, below)
+    ref = f"{registry_proxy.host}/prio/share:v1"
+    assert stargzfs("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c")).returncode == 0
+    assert (mnt / "app/bin/server").read_bytes() == server
+    layers = wait_for_prefetch(mnt)
+    assert str(layers[0]["prefetch"]).startswith("done ("), layers
+    spans = sorted(s for s in registry_proxy.blob_ranges() if s[0] < below)
+    assert spans, registry_proxy.requests
+    for (_a0, a1), (b0, _b1) in itertools.pairwise(spans):
+        assert a1 < b0, f"bytes {b0}-{a1} fetched twice: {spans}"
+    fetched = sum(last - first + 1 for first, last in spans)
+    assert fetched < len(server) * 1.2  # about the file once (it is random: incompressible)

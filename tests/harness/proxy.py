@@ -11,7 +11,9 @@ misbehave the ways registries and CDNs do in the wild:
 * ``corrupt_blob(digest, offset)``: flip one byte of a blob as it passes (at blob offset);
 * ``redirect_blobs=True``: blob GETs get a 307 to a second port ("object storage") that
   serves the bytes and rejects any request carrying an Authorization header;
-* ``down=True``: refuse everything with 503, as a registry outage.
+* ``down=True``: refuse everything with 503, as a registry outage;
+* ``delay_ranges(seconds, below)``: hold blob Range GETs that start below blob offset
+  ``below`` for ``seconds`` before forwarding them (a slow link, for races).
 
 Counters: ``bytes_sent`` (blob body bytes), ``requests`` (list of (method, path, range)).
 """
@@ -23,6 +25,7 @@ import http.server
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +52,7 @@ class RegistryProxy:
         self.redirect_blobs = False
         self.down = False
         self.faults = _Faults()
+        self.range_delay: tuple[float, int] = (0.0, 0)
         self.bytes_sent = 0
         self.requests: list[tuple[str, str, str | None]] = []
         self.storage_requests: list[tuple[str, bool]] = []  # (path, had Authorization)
@@ -78,6 +82,18 @@ class RegistryProxy:
     def corrupt_blob(self, digest: str, offset: int) -> None:
         with self._lock:
             self.faults.corrupt[digest] = offset
+
+    def delay_ranges(self, seconds: float, below: int) -> None:
+        self.range_delay = (seconds, below)
+
+    def blob_ranges(self) -> list[tuple[int, int]]:
+        """``(first, last)`` byte of every blob Range GET so far, in arrival order."""
+        out = []
+        for method, path, rng in list(self.requests):
+            if method == "GET" and "/blobs/" in path and rng and "," not in rng:
+                first, _, last = rng.removeprefix("bytes=").partition("-")
+                out.append((int(first), int(last) if last else -1))
+        return out
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -161,6 +177,11 @@ def _handler(proxy: RegistryProxy, *, storage: bool) -> type[http.server.BaseHTT
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+            seconds, below = proxy.range_delay
+            if blob and rng and seconds:
+                m = re.match(r"bytes=(\d+)-", rng)
+                if m and int(m.group(1)) < below:
+                    time.sleep(seconds)
             headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
             if storage:
                 path = path.split("?")[0]
