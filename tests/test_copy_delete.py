@@ -224,6 +224,35 @@ def test_prune_keep_exclude_shared_digest(
     assert _tags(reg, "prune/app") == ["now", "stable", "t2020", "t2023"]
 
 
+def test_prune_never_deletes_a_digest_kept_by_keep(
+    registry_factory: RegistryFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``older-alias`` points at t2023's digest and ranks below it (same created time, tag
+    name second), past the --keep 2 boundary: deleting it would delete t2023, which --keep
+    keeps (no --exclude involved). Both stay."""
+    reg = registry_factory(delete_enabled=True)
+    digests = _populate(reg, tmp_path, "prune/keep")
+    reg.push_oci(tmp_path / "t2023", "v1", "prune/keep:older-alias")
+    repo = reg.ref("prune/keep")
+    assert main(["prune", repo, "--keep", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    keep_lines = [line.split() for line in out.splitlines() if line.strip().startswith("keep ")]
+    assert {line[1] for line in keep_lines} == {"now", "t2023", "older-alias"}
+    assert "same digest as kept tag t2023" in out
+    delete_lines = [line.split() for line in out.splitlines() if line.strip().startswith("delete ")]
+    assert {line[1] for line in delete_lines} == {"t2020", "t2021", "t2022", "stable"}
+    assert digests["t2023"] not in {line[2] for line in delete_lines}
+    assert main(["prune", repo, "--keep", "2", "--yes"]) == 0
+    deleted = [line for line in capsys.readouterr().out.splitlines() if line.startswith("deleted")]
+    assert sorted(deleted) == sorted(
+        f"deleted {reg.host}/prune/keep@{digests[t]}" for t in ("t2020", "t2021", "t2022")
+    )
+    assert _tags(reg, "prune/keep") == ["now", "older-alias", "t2023"]
+    for tag in ("t2023", "older-alias"):
+        info = json.loads(_inspect(reg, reg.ref(f"prune/keep:{tag}")).stdout)
+        assert info["Digest"] == digests["t2023"]
+
+
 def test_prune_older_than(
     registry_factory: RegistryFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
