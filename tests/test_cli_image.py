@@ -407,3 +407,104 @@ def test_error_inside_an_exception_group_keeps_its_exit_code(
     monkeypatch.setattr(image_cmds, "cmd_layers", grouped)
     assert main(["layers", f"oci:{oci_layout}"]) == 4
     assert capsys.readouterr().err == "stargzfs: error: no such thing\n"
+
+
+def _tar(members: list[tuple[str, str, bytes | str]]) -> bytes:
+    """A tar of (name, "file"|"dir"|"symlink", content or link target)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif kind == "symlink":
+                assert isinstance(value, str)
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, value, 0o777
+                tar.addfile(info)
+            else:
+                assert isinstance(value, bytes)
+                info.size, info.mode = len(value), 0o755
+                tar.addfile(info, io.BytesIO(value))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def symlink_layout(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two eStargz layers: the symlinks below, the files they lead to in the upper one."""
+    from harness.oci import estargz_layer, write_oci_layout
+
+    lower = _tar(
+        [
+            ("bin", "symlink", "usr/bin"),
+            ("lib", "symlink", "/usr/lib"),
+            ("usr", "dir", b""),
+            ("usr/bin", "dir", b""),
+            ("usr/bin/sh", "symlink", "dash"),
+            ("usr/bin/up", "symlink", "../../../../usr/lib/libc.so"),  # '..' stops at root
+            ("usr/bin/abs", "symlink", "/bin/sh"),
+            ("loop-a", "symlink", "loop-b"),
+            ("loop-b", "symlink", "/loop-a"),
+            ("dangling", "symlink", "/nowhere"),
+            # 40 links to reach the file: allowed, as on Linux; one more is too many.
+            *((f"chain-{i}", "symlink", f"chain-{i + 1}") for i in range(39)),
+            ("chain-39", "symlink", "usr/lib/libc.so"),
+            ("chain-x", "symlink", "chain-0"),
+        ]
+    )
+    upper = _tar(
+        [
+            ("usr/bin/dash", "file", b"#!dash\n"),
+            ("usr/lib/libc.so", "file", b"libc\n"),
+        ]
+    )
+    root = tmp_path_factory.mktemp("symlinks")
+    write_oci_layout(root, [estargz_layer(lower), estargz_layer(upper)])
+    return f"oci:{root}:v1"
+
+
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [
+        ("/bin/sh", b"#!dash\n"),  # through the bin -> usr/bin parent, then sh -> dash
+        ("bin/dash", b"#!dash\n"),
+        ("/usr/bin/abs", b"#!dash\n"),  # absolute target: from the image root, not the host's
+        ("lib/libc.so", b"libc\n"),
+        ("/usr/bin/up", b"libc\n"),
+        ("/bin/../lib/libc.so", b"libc\n"),  # '..' after a symlink: from where it led (/usr)
+        ("chain-0", b"libc\n"),
+    ],
+)
+def test_cat_follows_symlinks_inside_the_image(
+    symlink_layout: str, path: str, content: bytes, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    assert main(["cat", symlink_layout, path]) == 0
+    assert capfdbinary.readouterr().out == content
+
+
+def test_symlink_errors_and_other_commands(
+    symlink_layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cat", symlink_layout, "loop-a"]) == 4
+    assert "too many levels of symbolic links" in capsys.readouterr().err
+    assert main(["cat", symlink_layout, "chain-x"]) == 4
+    assert "too many levels of symbolic links" in capsys.readouterr().err
+    assert main(["cat", symlink_layout, "dangling"]) == 4
+    assert main(["cat", symlink_layout, "bin"]) == 2  # a directory, once followed
+    capsys.readouterr()
+    # ls follows symlinked parents; the last name only with a trailing slash.
+    assert main(["ls", symlink_layout, "bin/"]) == 0
+    assert capsys.readouterr().out.split() == ["abs", "dash", "sh", "up"]
+    assert main(["ls", "-l", symlink_layout, "/bin/sh"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(" bin/sh -> dash")
+    assert main(["ls", "-l", symlink_layout, "bin"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("bin -> usr/bin")
+    # get: through symlinked parents, the named symlink itself copied as a symlink.
+    assert main(["get", symlink_layout, "/bin/sh", "/bin/dash", "lib/libc.so", str(tmp_path)]) == 0
+    assert os.readlink(tmp_path / "sh") == "dash"
+    assert (tmp_path / "dash").read_bytes() == b"#!dash\n"
+    assert (tmp_path / "libc.so").read_bytes() == b"libc\n"

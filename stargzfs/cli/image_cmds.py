@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..index import Entry, LayerIndex, Node
+    from ..index import Entry, LayerIndex, MergedTree, Node
     from ..open_image import OpenedImage
     from ..registry import Credentials
     from ..view import ImageView
@@ -108,6 +108,50 @@ async def _open(args: argparse.Namespace) -> OpenedImage:
         mirrors=args.mirror,
         cache_dir=args.cache_dir,
     )
+
+
+# -- paths ----------------------------------------------------------------------------------------
+MAX_SYMLINKS = 40  # as Linux (ELOOP after 40 links in one lookup)
+
+
+def resolve_in_image(tree: MergedTree, path: str, *, follow_final: bool = False) -> Node:
+    """The node at ``path`` in the merged tree, following symlinks as a chroot into the image
+    would: absolute targets start again at the image root and ``..`` stops at it. Symlinks
+    before the last component are always followed; the last one only with ``follow_final``
+    or a trailing ``/``. (The FUSE side never does this: it hands symlinks to the kernel.)
+
+    :raises NotFoundError: a missing name, a non-directory in the middle, or more than
+        :data:`MAX_SYMLINKS` symlinks.
+    """
+    from ..errors import NotFoundError
+
+    follow_final = follow_final or path.endswith("/")
+    todo = [p for p in path.split("/") if p and p != "."]
+    trail = [tree.root]  # the directories walked through, for ".."
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if len(trail) > 1:
+                trail.pop()
+            continue
+        here = trail[-1]
+        if not here.is_dir:
+            raise NotFoundError(f"{path}: not a directory in the image")
+        node = tree.lookup(here, part)
+        if node is None:
+            raise NotFoundError(f"{path}: no such file or directory in the image")
+        if node.entry.kind == "symlink" and (todo or follow_final):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise NotFoundError(f"{path}: too many levels of symbolic links in the image")
+            target = node.entry.linkname
+            if target.startswith("/"):
+                trail = [tree.root]
+            todo[:0] = [p for p in target.split("/") if p and p != "."]
+            continue
+        trail.append(node)
+    return trail[-1]
 
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -225,7 +269,7 @@ def _ls_paths(path: str) -> tuple[str, str]:
 
 async def _ls_merged(img: OpenedImage, args: argparse.Namespace) -> tuple[bool, list[Any]]:
     view = await img.view(args.cache_dir)
-    top = view.resolve(args.path)
+    top = resolve_in_image(view.tree, args.path)
     base, prefix = _ls_paths(args.path)
     items: list[tuple[str, Node]]
     if not top.is_dir:
@@ -288,7 +332,7 @@ async def cmd_cat(args: argparse.Namespace) -> int:
 
     async with await _open(args) as img:
         view = await img.view(args.cache_dir)
-        node = view.resolve(args.path)
+        node = resolve_in_image(view.tree, args.path, follow_final=True)
         if node.entry.kind != "reg":
             raise UsageError(f"{args.path}: not a regular file ({node.entry.kind})")
         out = sys.stdout.buffer
@@ -396,7 +440,8 @@ async def cmd_get(args: argparse.Namespace) -> int:
             raise UsageError(f"several paths would be copied to {os.path.join(dest, dup)}")
     async with await _open(args) as img:
         view = await img.view(args.cache_dir)
-        nodes = [view.resolve(path) for path, _ in plan]  # all found before anything is written
+        # All found before anything is written; a symlink named last is copied as a symlink.
+        nodes = [resolve_in_image(view.tree, path) for path, _ in plan]
         copied = []
         skipped = 0
         for (path, parts), node in zip(plan, nodes, strict=True):
