@@ -135,5 +135,6 @@ def _os_error(e: OSError) -> str:
         where += f" -> {e.filename2}"
     return f"{where}: {what}"
 
+
 if __name__ == "__main__":
     sys.exit(main())
