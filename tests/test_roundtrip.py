@@ -65,23 +65,51 @@ sizes = st.sampled_from(
 ) | st.integers(0, 5 * CHUNK)
 
 
+UNAMES = {0: "root", 1000: "user", 65534: "nobody"}
+GNAMES = {0: "root", 100: "users", 1000: "staff"}
+devminor = st.sampled_from([0, 3, 255, 256, (1 << 20) - 1])
+
+
+def owner(draw: st.DrawFn) -> dict[str, Any]:
+    uid = draw(st.sampled_from(sorted(UNAMES)))
+    gid = draw(st.sampled_from(sorted(GNAMES)))
+    return {"uid": uid, "gid": gid, "uname": UNAMES[uid], "gname": GNAMES[gid]}
+
+
+def expected_nlink(items: list[dict[str, Any]], item: dict[str, Any]) -> int:
+    """Directories: 2 + subdirectories; anything else: the names sharing its inode."""
+    if item["type"] == "dir":
+        subdirs = [
+            i for i in items if i["type"] == "dir" and i["name"].rpartition("/")[0] == item["name"]
+        ]
+        return 2 + len(subdirs)
+    target = item["link"] if item["type"] == "hardlink" else item["name"]
+    if item["type"] not in ("reg", "hardlink"):
+        return 1
+    return 1 + sum(1 for i in items if i["type"] == "hardlink" and i["link"] == target)
+
+
 @st.composite
 def trees(draw: st.DrawFn) -> list[dict[str, Any]]:
     dirs = ["d1", "d1/d2", "e"]
-    items: list[dict[str, Any]] = [{"name": d, "type": "dir", "mode": 0o755} for d in dirs]
+    items: list[dict[str, Any]] = [
+        {"name": d, "type": "dir", "mode": 0o755, **owner(draw)} for d in dirs
+    ]
     used = set(dirs)
     for _ in range(draw(st.integers(1, 12))):
         name = f"{draw(st.sampled_from(['', *[d + '/' for d in dirs]]))}{draw(names)}"
         if name in used:
             continue
         used.add(name)
-        kind = draw(st.sampled_from(["reg", "reg", "reg", "symlink", "hardlink", "fifo"]))
+        kind = draw(
+            st.sampled_from(["reg", "reg", "reg", "symlink", "hardlink", "fifo", "char", "block"])
+        )
         item: dict[str, Any] = {
             "name": name,
             "type": kind,
             "mode": draw(st.sampled_from([0o644, 0o755, 0o4755, 0o600, 0o1777])),
-            "uid": draw(st.sampled_from([0, 1000, 65534])),
             "mtime": draw(st.integers(0, 2**33)),
+            **owner(draw),
         }
         if kind == "reg":
             size = draw(sizes)
@@ -91,6 +119,8 @@ def trees(draw: st.DrawFn) -> list[dict[str, Any]]:
                 item["xattrs"] = {"user.k": draw(st.binary(min_size=1, max_size=10)).hex()}
         elif kind == "symlink":
             item["link"] = draw(st.sampled_from(["../x", "/abs/target", "a" * 150]))
+        elif kind in ("char", "block"):
+            item["dev"] = (draw(st.sampled_from([0, 1, 7, 259, 4095])), draw(devminor))
         elif kind == "hardlink":
             regs = [i["name"] for i in items if i["type"] == "reg"]
             if not regs:
@@ -106,7 +136,8 @@ def make_tar(items: list[dict[str, Any]]) -> bytes:
         for item in items:
             info = tarfile.TarInfo(item["name"])
             info.mode = item["mode"]
-            info.uid = info.gid = item.get("uid", 0)
+            info.uid, info.gid = item.get("uid", 0), item.get("gid", 0)
+            info.uname, info.gname = item.get("uname", ""), item.get("gname", "")
             info.mtime = item.get("mtime", 0)
             data = None
             if item["type"] == "dir":
@@ -122,6 +153,9 @@ def make_tar(items: list[dict[str, Any]]) -> bytes:
                 info.type, info.linkname = tarfile.LNKTYPE, item["link"]
             elif item["type"] == "fifo":
                 info.type = tarfile.FIFOTYPE
+            elif item["type"] in ("char", "block"):
+                info.type = tarfile.CHRTYPE if item["type"] == "char" else tarfile.BLKTYPE
+                info.devmajor, info.devminor = item["dev"]
             tar.addfile(info, data)
     return buf.getvalue()
 
@@ -160,7 +194,16 @@ async def test_generated_trees_round_trip(items: list[dict[str, Any]], min_chunk
             assert entry.kind == "symlink" and entry.linkname == item["link"]
         elif item["type"] == "fifo":
             assert entry.kind == "fifo"
+        elif item["type"] in ("char", "block"):
+            assert entry.kind == item["type"]
+            assert (entry.devmajor, entry.devminor) == item["dev"], item["name"]
+        assert entry.hardlink == (item["type"] == "hardlink")
+        assert entry.nlink == expected_nlink(items, item), item["name"]
+        assert (entry.uid, entry.gid) == (attrs["uid"], attrs["gid"]), item["name"]
+        assert (index.uname(entry.uid), index.gname(entry.gid)) == (
+            attrs["uname"],
+            attrs["gname"],
+        ), item["name"]
         if item["type"] != "dir":
-            assert entry.uid == attrs["uid"]
             # Like upstream, the epoch itself is written as "no modtime".
             assert (entry.mtime_ns or 0) == attrs["mtime"] * 1_000_000_000

@@ -663,10 +663,23 @@ class _Builder:
         dups = self.db.execute(
             "SELECT parent, name, max(id) FROM entries GROUP BY parent, name HAVING count(*) > 1"
         ).fetchall()
+        gone: set[int] = set()
         for parent, name, keep in dups:
+            gone.update(
+                row[0]
+                for row in self.db.execute(
+                    "SELECT id FROM entries WHERE parent=? AND name=? AND id!=?",
+                    (parent, name, keep),
+                )
+            )
             self.db.execute(
                 "DELETE FROM entries WHERE parent=? AND name=? AND id!=?", (parent, name, keep)
             )
+        if gone:
+            # A replaced name is no longer a link to anything (a hardlink repeated under the
+            # same name is one name, not two), and its chunks go with it.
+            self.hardlinks = [h for h in self.hardlinks if h[0] not in gone]
+            self.db.executemany("DELETE FROM chunks WHERE entry=?", [(i,) for i in gone])
 
     def _resolve_hardlinks(self) -> dict[int, int]:
         """Point every hardlink row at its canonical inode; returns {link row: inode}."""
