@@ -40,7 +40,9 @@ class ImageView:
         self.readers = [
             ChunkReader(lv.source, lv.index, self.cache, self.gate) for lv in self.layers
         ]
+        # Per layer name: "running", "done (N chunks)", "done (cached)", "failed (why)".
         self.prefetch_state: dict[str, str] = {}
+        self.background_state: dict[str, str] = {}
 
     def resolve(self, path: str) -> Node:
         node = self.tree.resolve(path)
@@ -79,8 +81,8 @@ class ImageView:
         """Fetch the rest of a layer, a batch of adjacent chunks at a time, at low priority
         (see :class:`~stargzfs.reader.FetchGate`) so that on-demand reads go first."""
         layer, reader = self.layers[position], self.readers[position]
-        key = layer.name + " (background)"
-        self.prefetch_state[key] = "running"
+        key = layer.name
+        self.background_state[key] = "running"
         try:
             chunks = await trio.to_thread.run_sync(
                 layer.index.chunks_before, layer.index.toc_offset
@@ -96,9 +98,9 @@ class ImageView:
             if group:
                 done += await reader.warm(group, what, background=True)
         except Exception as e:
-            self.prefetch_state[key] = f"failed ({e})"
+            self.background_state[key] = f"failed ({e})"
             raise
-        self.prefetch_state[key] = f"done ({done} chunks)"
+        self.background_state[key] = f"done ({done} chunks)"
         return done
 
     def stats(self) -> dict[str, object]:
@@ -122,6 +124,7 @@ class ImageView:
                     ),
                     "chunk_fetches": reader.fetches,
                     "prefetch": self.prefetch_state.get(layer.name, "none"),
+                    "background_fetch": self.background_state.get(layer.name, "none"),
                 }
             )
         return {"layers": layers, "cache": vars(self.cache.stats).copy()}

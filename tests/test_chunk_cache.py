@@ -287,3 +287,15 @@ async def test_large_prefetch_is_streamed_in_bounded_pieces() -> None:
         data = await view.read(node, 0, node.entry.size)
         assert hashlib.sha256(data).hexdigest() == sha256_of("prioritized", path)
     assert sum(source.started[-1]) == index.prefetch_end  # no read after the prefetch
+
+
+async def test_stats_show_prefetch_and_background_fetch_state() -> None:
+    view, _, files = await prioritized_view()
+    layer = view.stats()["layers"][0]  # type: ignore[index]
+    assert (layer["prefetch"], layer["background_fetch"]) == ("none", "none")
+    await view.prefetch(0)
+    fetched = await view.background_fetch(0)
+    assert fetched > 0
+    layer = view.stats()["layers"][0]  # type: ignore[index]
+    assert layer["prefetch"] == f"done ({len(files)} chunks)"
+    assert layer["background_fetch"] == f"done ({fetched} chunks)"

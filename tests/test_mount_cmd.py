@@ -151,13 +151,11 @@ def test_background_fetch_makes_the_image_local(
     assert (
         stargzfs("mount", ref, str(mnt), "--cache-dir", cache, "--background-fetch").returncode == 0
     )
-    for _ in range(100):
-        stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
-        if all(layer["prefetch"] != "running" for layer in stats["layers"]) and stats["cache"][
-            "stored"
-        ] >= sum(len(d) // 65536 + 1 for d in files.values()):
-            break
-        time.sleep(0.1)
+    layers = wait_for_prefetch(mnt)
+    assert all(str(layer["background_fetch"]).startswith("done (") for layer in layers), layers
+    table = stargzfs("stats", str(mnt)).stdout
+    assert "BACKGROUND" in table.splitlines()[0]
+    assert table.splitlines()[1].endswith(" " + str(layers[0]["background_fetch"])), table
     reg.stop()  # everything must now come from the cache
     try:
         for path, data in files.items():

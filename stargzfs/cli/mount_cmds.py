@@ -180,7 +180,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     print(
-        f"{'LAYER':<28} {'FORMAT':<13} {'SIZE':>12} {'FETCHED':>12} {'%':>6} {'REQS':>6}  PREFETCH"
+        f"{'LAYER':<28} {'FORMAT':<13} {'SIZE':>12} {'FETCHED':>12} {'%':>6} {'REQS':>6}  "
+        f"{'PREFETCH':<18} BACKGROUND"
     )
     for layer in stats["layers"]:
         fetched = layer["bytes_fetched"]
@@ -189,7 +190,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{layer['name'][:28]:<28} {layer['format']:<13} {layer['size']:>12} "
             f"{'-' if fetched is None else fetched:>12} "
             f"{'-' if frac is None else f'{frac * 100:.1f}':>6} "
-            f"{'-' if layer['requests'] is None else layer['requests']:>6}  {layer['prefetch']}"
+            f"{'-' if layer['requests'] is None else layer['requests']:>6}  "
+            f"{layer['prefetch']:<18} {layer.get('background_fetch', 'none')}"
         )
     cache = stats["cache"]
     print(
