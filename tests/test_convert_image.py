@@ -9,12 +9,14 @@ import io
 import json
 import random
 import subprocess
+import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Registry
+from harness import MountedProcess, Registry
 from harness.oci import gzip_layer, make_tar, write_oci_layout
 
 from stargzfs.cli.main import main
@@ -327,3 +329,45 @@ def test_convert_to_docker_archive_and_push_it(
     assert main(["convert", f"docker-archive:{archive}", again]) == 0
     assert "0 layer(s) converted, 2 kept" in capsys.readouterr().err
     assert main(["convert", src, f"docker-archive:{archive}", "--all-platforms"]) == 2
+
+
+def test_converted_image_mounts_lazily_byte_identical(
+    registry: Registry,
+    tmp_path: Path,
+    mounter: Callable[..., MountedProcess],
+    mountpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``convert`` a plain gzip image (64 KiB chunks, so the big files span many), then
+    ``stargzfs mount`` the result from the registry: reading one small file fetches a
+    fraction of its layer, and every file reads back byte-identical to the source image's."""
+    lower = {**LAYER1, "usr/lib/big.bin": random.Random(12).randbytes(2_000_000)}
+    layout = write_oci_layout(
+        tmp_path / "src", [gzip_layer(make_tar(lower)), gzip_layer(make_tar(LAYER2))]
+    )
+    src = registry.push_oci(layout, "v1", "convert/mount-src:v1")
+    dst = registry.ref("convert/mount-esgz:v1")
+    assert main(["convert", src, dst, "--chunk-size", "64k"]) == 0
+    capsys.readouterr()
+    stargzfs = [sys.executable, "-m", "stargzfs"]
+    argv = [*stargzfs, "mount", dst, str(mountpoint), "--foreground", "--no-prefetch"]
+    mounter([*argv, "--cache-dir", str(tmp_path / "cache")], mountpoint)
+    assert (mountpoint / "etc/os-release").read_bytes() == LAYER1["etc/os-release"]
+    stats = subprocess.run(
+        [*stargzfs, "stats", str(mountpoint), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    first = json.loads(stats.stdout)["layers"][0]
+    assert 0 < first["bytes_fetched"] < first["size"] / 2  # lazily: not the whole layer
+    source = {**lower, **LAYER2}
+    found = {
+        str(p.relative_to(mountpoint)): p.read_bytes()
+        for p in sorted(mountpoint.rglob("*"))
+        if p.is_file()
+    }
+    assert sorted(found) == sorted(source)
+    for name, data in source.items():
+        assert found[name] == data, name
