@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Registry
@@ -25,10 +26,28 @@ from test_fuse_view import check_tree
 pytestmark = [pytest.mark.fuse, pytest.mark.registry]
 
 
-def stargzfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def stargzfs(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stargzfs", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "stargzfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 10) -> str:
+    """The first line of the file at ``path`` containing ``text`` (waits for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        found = [line for line in lines if text in line]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no line with {text!r} in {path}: {lines}"
+        time.sleep(0.05)
 
 
 def daemon_pids(mnt: Path) -> list[int]:
@@ -279,3 +298,30 @@ def test_read_right_after_mount_shares_the_prefetch(
         assert a1 < b0, f"bytes {b0}-{a1} fetched twice: {spans}"
     fetched = sum(last - first + 1 for first, last in spans)
     assert fetched < len(server) * 1.2  # about the file once (it is random: incompressible)
+
+
+def test_foreground_mount_writes_its_log_file(
+    fixture_image: str, mounter: Any, mountpoint: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "fg.log"
+    argv = [sys.executable, "-m", "stargzfs", "mount", fixture_image, str(mountpoint)]
+    argv += ["--foreground", "--cache-dir", str(tmp_path / "c"), "--log-file", str(log)]
+    proc = mounter(argv, mountpoint)
+    line = wait_for_line(log, "mounted ")
+    assert str(mountpoint) in line and f"pid {proc.pid}" in line
+    assert (mountpoint / "etc/passwd").read_bytes()
+    assert "mounted " not in proc.stderr_text()  # stderr keeps its own (warning) level
+
+
+def test_daemon_leaves_its_start_directory(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    rel = os.path.relpath(mnt, work)
+    args = ("mount", fixture_image, rel, "--cache-dir", "cache", "--log-file", "d.log")
+    result = stargzfs(*args, cwd=work)
+    assert result.returncode == 0, result.stderr
+    (pid,) = daemon_pids(Path(rel))
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert (mnt / "etc/passwd").read_bytes()
+    assert str(mnt) in wait_for_line(work / "d.log", "mounted ")  # relative paths resolved
+    assert (work / "cache" / "chunks").is_dir()

@@ -9,6 +9,7 @@ soon as ``stargzfs mount`` returns, and a failure leaves no mount behind.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from .layer_cmds import parse_size
 DEFAULT_CACHE_SIZE = 10 << 30
 
 _READY_FD_ENV = "STARGZFS_READY_FD"
+
+log = logging.getLogger("stargzfs.mount")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -81,11 +84,50 @@ def default_cache_dir() -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.mountpoint):
         raise UsageError(f"{args.mountpoint}: mount point is not a directory")
-    if args.foreground or os.environ.get(_READY_FD_ENV):
+    child = bool(os.environ.get(_READY_FD_ENV))
+    if args.foreground or child:
         import trio
 
+        _setup_logging(args.log_file, to_file=not child)
+        if child:
+            # A daemon must not keep the directory it was started from busy.
+            _absolute_paths(args)
+            os.chdir("/")
         return int(trio.run(_serve, args))
     return _daemonize(args)
+
+
+def _setup_logging(log_file: str | None, *, to_file: bool) -> None:
+    """With ``--log-file`` the daemon logs informational lines too (mounted, prefetched,
+    failed reads). The daemonized child's stderr already is that file; in the foreground a
+    file handler is added and stderr keeps its level."""
+    if not log_file:
+        return
+    root = logging.getLogger()
+    level = root.level
+    if to_file:
+        for handler in root.handlers:
+            if handler.level == logging.NOTSET:
+                handler.setLevel(level)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s stargzfs[%(process)d]: %(levelname)s: %(message)s")
+        )
+        root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO))
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    """Paths given relative to the caller's directory, before the child leaves it."""
+    for name in ("mountpoint", "cache_dir", "log_file", "record_access"):
+        value = getattr(args, name, None)
+        if value:
+            setattr(args, name, os.path.abspath(value))
+    if args.ref.startswith("oci:"):
+        from ..open_image import parse_oci_ref
+
+        layout, tag = parse_oci_ref(args.ref)
+        args.ref = f"oci:{os.path.abspath(layout)}" + (f":{tag}" if tag else "")
 
 
 def _daemonize(args: argparse.Namespace) -> int:
@@ -125,6 +167,11 @@ def _report(text: str) -> None:
             pipe.write(text + "\n")
 
 
+def _ready(args: argparse.Namespace) -> None:
+    log.info("mounted %s at %s (pid %d)", args.ref, args.mountpoint, os.getpid())
+    _report("ready")
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from ..cache import ChunkCache
     from ..fuse.daemon import serve
@@ -148,7 +195,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 prefetch=not args.no_prefetch,
                 background_fetch=args.background_fetch,
                 record_access=args.record_access,
-                ready=lambda: _report("ready"),
+                ready=lambda: _ready(args),
             )
     except StargzfsError as e:
         _report(f"{e.exit_code} {e}")
