@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import io
 import json
 import struct
+import tarfile
+import tracemalloc
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,6 +32,7 @@ from stargzfs.errors import (
     StargzfsError,
     UnsafePathError,
 )
+from stargzfs.formats.decompress import inflate_gzip_members
 from stargzfs.formats.footer import estargz_footer, parse_footer
 from stargzfs.formats.layer import read_toc
 from stargzfs.index import LayerIndex
@@ -154,6 +161,84 @@ async def test_chunk_digest_mismatch_is_never_served() -> None:
     assert file is not None
     with pytest.raises(DigestMismatchError, match=r"h \(chunk at offset 0\)"):
         await read_file_range(source, index, file, 0, 5)
+
+
+def gzip_bomb(prefix: bytes, mib: int) -> bytes:
+    """A valid gzip member of ``prefix`` + ``mib`` MiB of zeros, ~1000 times smaller than that
+    (one fully flushed block of 1 MiB of zeros, repeated)."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(1 << 20)
+    block = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
+    end = c.flush()
+    crc = zlib.crc32(prefix)
+    for _ in range(mib):
+        crc = zlib.crc32(zeros, crc)
+    size = (len(prefix) + (mib << 20)) & 0xFFFFFFFF
+    trailer = struct.pack("<II", crc, size)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + head + block * mib + end + trailer
+
+
+async def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """fn()'s (awaited) result and the peak of Python allocations while it ran."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        if hasattr(result, "__await__"):
+            result = await result
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_gzip_chunk_bomb_is_never_inflated() -> None:
+    bomb = gzip_bomb(b"hello", 128)
+    out, peak = await peak_memory(lambda: inflate_gzip_members(bomb, 5))
+    assert out == b"hello" and peak < 4 << 20
+    # Across members: the first ends early, the next is the bomb.
+    out, peak = await peak_memory(lambda: inflate_gzip_members(gzip.compress(b"ab") + bomb, 7))
+    assert out == b"abhello" and peak < 4 << 20
+    with pytest.raises(FormatError, match="truncated"):
+        inflate_gzip_members(gzip.compress(b"ab"), 3)
+
+
+async def test_bomb_behind_a_file_reads_only_its_declared_size() -> None:
+    bomb = gzip_bomb(b"hello", 64)
+    digest = "sha256:" + hashlib.sha256(b"hello").hexdigest()
+    entry = {"name": "h", "type": "reg", "size": 5, "offset": 0, "digest": digest}
+    blob = blob_with_toc(toc(entry), bomb)
+    index = await index_of_bytes(blob)
+    file = index.resolve("h")
+    assert file is not None
+    data, peak = await peak_memory(lambda: read_file_range(BytesSource(blob), index, file, 0, 5))
+    assert data == b"hello" and peak < 8 << 20
+    # Declared bytes that are not what the digest says: a mismatch naming file and offset.
+    lie = {**entry, "digest": "sha256:" + hashlib.sha256(b"HELLO").hexdigest()}
+    blob = blob_with_toc(toc(lie), bomb)
+    index = await index_of_bytes(blob)
+    file = index.resolve("h")
+    assert file is not None
+    with pytest.raises(DigestMismatchError, match=r"h \(chunk at offset 0\)"):
+        await read_file_range(BytesSource(blob), index, file, 0, 5)
+
+
+async def test_toc_member_bomb_is_a_format_error() -> None:
+    doc = json.dumps(toc(GOOD_FILE)).encode()
+    buf = io.BytesIO()
+    info = tarfile.TarInfo("stargz.index.json")
+    info.size = len(doc)
+    buf.write(info.tobuf(tarfile.GNU_FORMAT) + doc + bytes(-len(doc) % 512))
+    # After the TOC file: 64 MiB of zeros (valid tar blocks, but no TOC member is like that).
+    blob = gzip_bomb(buf.getvalue(), 64) + estargz_footer(0)
+    with pytest.raises(FormatError, match="not a TOC member"):
+        await read_toc(BytesSource(blob))
+
+    async def load() -> None:
+        with contextlib.suppress(FormatError):
+            await index_of_bytes(blob)
+
+    _, peak = await peak_memory(load)
+    assert peak < 16 << 20
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

@@ -19,26 +19,37 @@ def inflate_gzip_members(data: bytes, want: int) -> bytes:
 
     Multi-member aware: when one member ends before ``want`` bytes are out, the next member
     (in ``unused_data``) is started, as Go's multistream reader does.
+
+    Never inflates more than ``want`` bytes, whatever the compressed bytes hold: a chunk's
+    member may legitimately go on past the chunk (tar padding and the next entries' headers
+    share it), so what follows the declared size is not an error, but it is never expanded,
+    and a "decompression bomb" behind a small declared size costs nothing. Wrong bytes within
+    the declared size are the digest check's to catch.
     """
     out: list[bytes] = []
     have = 0
     rest = data
-    # The range handed to us is the chunk's own member(s) plus at most a tar header and
-    # padding, so inflating all of it and trimming costs little and keeps this simple.
     while have < want and rest:
         d = zlib.decompressobj(wbits=31)
-        try:
-            piece = d.decompress(rest)
-        except zlib.error as e:
-            raise FormatError(f"corrupt gzip data: {e}") from None
-        out.append(piece)
-        have += len(piece)
+        pending = rest
+        while have < want:
+            try:
+                piece = d.decompress(pending, want - have)
+            except zlib.error as e:
+                raise FormatError(f"corrupt gzip data: {e}") from None
+            out.append(piece)
+            have += len(piece)
+            if d.eof:
+                break
+            pending = d.unconsumed_tail
+            if not pending:
+                break  # input used up in the middle of a member
         if not d.eof:
             break
         rest = d.unused_data
     if have < want:
         raise FormatError(f"compressed data ends after {have} of {want} bytes: truncated")
-    return b"".join(out)[:want]
+    return b"".join(out)
 
 
 def inflate_zstd_frames(data: bytes, want: int) -> bytes:

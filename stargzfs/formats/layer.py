@@ -177,24 +177,34 @@ async def read_toc(
     )
 
 
-_PIECE = 1 << 20  # compressed bytes inflated per step
+_PIECE = 1 << 20  # compressed bytes inflated per step, and at most uncompressed bytes out
+# After stargz.index.json the TOC member holds only tar padding and end-of-archive blocks
+# (Go writes two, some tars pad to a 10 KiB record): more than this is not a TOC member.
+_MAX_TOC_TRAILER = 64 * 1024
 
 
 def _gzip_toc_pieces(raw: bytes, what: str) -> Iterator[bytes]:
-    """Stream ``stargz.index.json`` out of the TOC member: a gzip'd tar with that one file."""
+    """Stream ``stargz.index.json`` out of the TOC member: a gzip'd tar with that one file.
+
+    Each step inflates at most ``_PIECE`` bytes, so a TOC member that inflates to far more
+    than its tar header announces is never held in memory.
+    """
     d = zlib.decompressobj(wbits=31)
     view = memoryview(raw)
     pos = 0
+    tail = b""  # compressed input that the last step left unconsumed (output limit hit)
 
     def inflate_more() -> bytes:
-        nonlocal pos
-        while pos < len(view):
-            piece = view[pos : pos + _PIECE]
-            pos += len(piece)
+        nonlocal pos, tail
+        while tail or pos < len(view):
+            if not tail:
+                tail = bytes(view[pos : pos + _PIECE])
+                pos += len(tail)
             try:
-                out = d.decompress(piece)
+                out = d.decompress(tail, _PIECE)
             except zlib.error as e:
                 raise FormatError(f"TOC of {what}: corrupt gzip data: {e}") from None
+            tail = d.unconsumed_tail
             if out or d.eof:
                 return out
         return b""
@@ -224,9 +234,17 @@ def _gzip_toc_pieces(raw: bytes, what: str) -> Iterator[bytes]:
         remaining -= len(take)
         pending = pending[len(take) :]
         yield take
+    trailer = len(pending)
     while not d.eof:  # the rest is tar padding; the member must still be complete
-        if not inflate_more() and not d.eof:
+        more = inflate_more()
+        if not more and not d.eof:
             raise FormatError(f"TOC of {what}: gzip member is truncated")
+        trailer += len(more)
+        if trailer > _MAX_TOC_TRAILER:
+            raise FormatError(
+                f"TOC of {what}: more than {_MAX_TOC_TRAILER} bytes after {TOC_TAR_NAME} "
+                "in its gzip member: not a TOC member"
+            )
 
 
 def _zstd_toc_pieces(raw: bytes, uncompressed_size: int | None, what: str) -> Iterator[bytes]:
