@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-from stargzfs.index import LayerIndex
+import pytest
+from layer_helpers import blob_with_toc
+
+from stargzfs.errors import FormatError
+from stargzfs.formats.layer import ANNOTATION_TOC_DIGEST
+from stargzfs.index import LayerIndex, load_index
+from stargzfs.source import BytesSource
 
 
 def toc(*entries: dict[str, Any]) -> str:
@@ -64,3 +71,54 @@ def test_replaced_chunked_file_leaves_no_chunks_behind() -> None:
     assert f is not None and f.size == 4
     assert [(c.file_offset, c.size, c.comp_offset) for c in index.chunks(f)] == [(0, 4, 50)]
     assert index._db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0
+
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+BIG = {"name": "f", "type": "reg", "size": 20, "offset": 0, "chunkSize": 10, "chunkDigest": D1}
+REST = {"name": "f", "type": "chunk", "offset": 5, "chunkOffset": 10, "chunkSize": 10}
+
+
+def test_verified_toc_needs_a_digest_for_every_chunk() -> None:
+    with pytest.raises(FormatError, match=r"'f'.* chunk at offset 10 has no chunkDigest"):
+        build(BIG, REST, verified=True)
+    first_missing = {k: v for k, v in BIG.items() if k != "chunkDigest"}
+    with pytest.raises(FormatError, match="chunk at offset 0 has no chunkDigest"):
+        build(first_missing, {**REST, "chunkDigest": D2}, verified=True)
+    with pytest.raises(FormatError, match="no chunkDigest"):
+        build(FILE, verified=True)  # one chunk, no digest of any kind
+    # Unverified: accepted, and read unchecked.
+    index = build(BIG, REST)
+    f = index.resolve("f")
+    assert f is not None and not index.verified
+    assert [c.digest for c in index.chunks(f)] == [bytes.fromhex("1" * 64), None]
+
+
+def test_verified_toc_accepts_what_can_be_checked() -> None:
+    index = build(BIG, {**REST, "chunkDigest": D2}, verified=True)
+    assert index.verified
+    # One chunk with only the file digest (containers/storage writes no chunkDigest there).
+    index = build({**FILE, "digest": D1}, verified=True)
+    a = index.resolve("a")
+    assert a is not None and [c.digest for c in index.chunks(a)] == [bytes.fromhex("1" * 64)]
+    # A hole's content is the TOC's word: no digest needed.
+    hole = {"name": "h", "type": "reg", "size": 8, "chunkType": "zeros"}
+    build(hole, verified=True)
+
+
+def test_one_chunk_whose_two_digests_disagree_is_corrupt() -> None:
+    with pytest.raises(FormatError, match="differ"):
+        build({**FILE, "digest": D1, "chunkDigest": D2})
+    index = build({**FILE, "digest": D1, "chunkDigest": D1}, verified=True)
+    a = index.resolve("a")
+    assert a is not None and index.chunks(a)[0].digest == bytes.fromhex("1" * 64)
+
+
+async def test_load_index_refuses_unverifiable_chunks_of_a_verified_layer() -> None:
+    doc = toc(BIG, REST)
+    blob = blob_with_toc(doc, payload=b"x" * 100)
+    annotations = {ANNOTATION_TOC_DIGEST: "sha256:" + hashlib.sha256(doc.encode()).hexdigest()}
+    with pytest.raises(FormatError, match="no chunkDigest"):
+        await load_index(BytesSource(blob), annotations)
+    index = await load_index(BytesSource(blob))  # no annotation: an unverified layer
+    assert not index.verified and index.resolve("f") is not None

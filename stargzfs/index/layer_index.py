@@ -179,7 +179,10 @@ class LayerIndex:
         of byte pieces (the TOC streamed out of its compressed member); ``check`` then runs
         once it is consumed, before anything is committed: it returns the TOC digest to
         record, or raises (a digest mismatch) to abort. ``verified`` records that an
-        annotation vouches for the TOC (the caller checked it, or ``check`` does).
+        annotation vouches for the TOC (the caller checked it, or ``check`` does); every chunk
+        must then carry a digest (holes excepted: the TOC itself says what they hold), as
+        upstream's verifier requires, else :class:`FormatError`. Unverified layers may have
+        chunks without digests: they are read unchecked.
         """
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
@@ -192,7 +195,7 @@ class LayerIndex:
             )
             db.executescript(_SCHEMA)
             db.execute("BEGIN")
-            _Builder(db, toc_offset).run(toc_json)
+            _Builder(db, toc_offset, verified).run(toc_json)
             if check is not None:
                 toc_digest = check()
             meta: dict[str, Any] = {
@@ -406,9 +409,12 @@ def _pending_meta(db: sqlite3.Connection) -> list[tuple[str, Any]]:
 class _Builder:
     """One pass over the TOC entries, writing rows; then hardlinks, nlink and the indexes."""
 
-    def __init__(self, db: sqlite3.Connection, toc_offset: int) -> None:
+    def __init__(self, db: sqlite3.Connection, toc_offset: int, verified: bool = False) -> None:
         self.db = db
         self.toc_offset = toc_offset
+        # The TOC is vouched for: every chunk must then have a digest to be checked against
+        # (upstream's verifier: "some ChunkDigest not found in TOC JSON").
+        self.verified = verified
         self.next_id = ROOT_ID + 1
         self.dirs: dict[str, int] = {"": ROOT_ID}
         self.dir_updates: list[tuple[Any, ...]] = []
@@ -561,22 +567,24 @@ class _Builder:
                             f"TOC entry {raw!r}: endOffset {end_offset} is before offset {offset}"
                         )
                     self.offsets.add(end_offset)
-                cdig = e.get("chunkDigest")
-                fdig = e.get("digest")
-                digest = parse_digest(fdig or cdig, raw) if (fdig or cdig) else None
+                cdig = parse_digest(e["chunkDigest"], raw) if e.get("chunkDigest") else None
+                fdig = parse_digest(e["digest"], raw) if e.get("digest") else None
                 csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
                 if (csize and csize < size) or zeros:
-                    first = (
-                        nid,
-                        0,
-                        csize,
-                        offset,
-                        inner,
-                        parse_digest(cdig, raw) if cdig else None,
-                        zeros,
-                    )
+                    digest = fdig  # of the whole file; each chunk has its own
+                    first = (nid, 0, csize, offset, inner, cdig, zeros)
                     self.cur_file = (nid, raw, size, [first], end_offset)
                     code |= _F_CHUNKED
+                else:
+                    # One chunk: the whole file. Verified against chunkDigest, as upstream
+                    # does, or the file digest (containers/storage writes only that one).
+                    if cdig is not None and fdig is not None and cdig != fdig:
+                        raise FormatError(
+                            f"TOC entry {raw!r}: chunkDigest and digest of its one chunk differ"
+                        )
+                    digest = cdig or fdig
+                    if digest is None and self.verified:
+                        raise FormatError(_no_digest(raw, 0))
             elif e.get("digest"):
                 digest = parse_digest(e["digest"], raw)
         elif kind == "symlink":
@@ -645,6 +653,8 @@ class _Builder:
                 raise FormatError(f"TOC entry {raw!r}: chunk at {foff} has a bad size {csize}")
             if csize != size - foff and i == len(chunks) - 1:
                 raise FormatError(f"TOC entry {raw!r}: chunks cover {foff + csize} of {size} bytes")
+            if dig is None and self.verified and not flags & _C_ZEROS:
+                raise FormatError(_no_digest(raw, foff))
             if off is None:
                 # A hole with no bytes in the blob: an empty range next to its neighbours
                 # (the next chunk's start, else the previous one's), so that a coalesced
@@ -743,6 +753,13 @@ def _int(e: dict[str, Any], key: str, raw: str, default: int | None, maximum: in
     if value is None:
         return default
     raise FormatError(f"TOC entry {raw!r}: invalid {key} {value!r}")
+
+
+def _no_digest(raw: str, foff: int) -> str:
+    return (
+        f"TOC entry {raw!r}: the chunk at offset {foff} has no chunkDigest, so its bytes "
+        "cannot be verified although the TOC is (read the layer as unverified to accept it)"
+    )
 
 
 def _chunk_flags(e: dict[str, Any], raw: str) -> int:
