@@ -147,6 +147,8 @@ def test_registry_outage_cached_files_served_cold_files_eio(
             (mnt / "data/f1.txt").read_bytes()
         assert info.value.errno == errno.EIO
         assert sorted(os.listdir(mnt / "data")) == sorted(p.split("/")[1] for p in files)
+        line = wait_for_line(Path(log), "/data/f1.txt")  # names the file, and why
+        assert "failed" in line and "connect" in line.lower(), line
     finally:
         reg.start()
     assert (mnt / "data/f1.txt").read_bytes() == files["data/f1.txt"]  # recovered
@@ -325,3 +327,120 @@ def test_daemon_leaves_its_start_directory(fixture_image: str, mnt: Path, tmp_pa
     assert (mnt / "etc/passwd").read_bytes()
     assert str(mnt) in wait_for_line(work / "d.log", "mounted ")  # relative paths resolved
     assert (work / "cache" / "chunks").is_dir()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_a_foreground_mount_unmounts_cleanly(
+    fixture_image: str, mounter: Any, mountpoint: Path, tmp_path: Path, signum: int
+) -> None:
+    argv = [sys.executable, "-m", "stargzfs", "mount", fixture_image, str(mountpoint)]
+    proc = mounter([*argv, "--foreground", "--cache-dir", str(tmp_path / "c")], mountpoint)
+    assert (mountpoint / "etc/passwd").read_bytes()
+    proc.kill(signum)
+    assert proc.proc.wait(timeout=10) == 0, proc.stderr_text()
+    assert not is_mounted(mountpoint)
+    assert proc.unmounted_by is None  # the daemon did it, not the harness
+    assert "Traceback" not in proc.stderr_text()
+
+
+def test_record_access_through_the_cli(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    record = tmp_path / "access.txt"
+    args = ("mount", fixture_image, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    assert stargzfs(*args, "--record-access", str(record)).returncode == 0
+    order = ["usr/lib/libdemo.so.1", "etc/passwd", "usr/bin/hello", "etc/newfile"]
+    for path in [*order, "etc/passwd", "usr/bin/hello-hardlink"]:  # repeats: recorded once
+        (mnt / path).read_bytes()
+    os.stat(mnt / "usr/bin/su")  # a stat is not a read
+    assert record.read_text().splitlines() == order
+    assert stargzfs("umount", str(mnt)).returncode == 0
+    assert record.read_text().splitlines() == order
+
+
+def test_inode_numbers_are_stable_across_remounts(
+    fixture_image: str, mnt: Path, tmp_path: Path
+) -> None:
+    def inodes(cache: str) -> dict[str, int]:
+        assert stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache).returncode == 0
+        try:
+            return {
+                os.path.relpath(os.path.join(d, n), mnt): os.lstat(os.path.join(d, n)).st_ino
+                for d, dirs, files in os.walk(mnt)
+                for n in dirs + files
+            }
+        finally:
+            assert stargzfs("umount", str(mnt)).returncode == 0
+
+    first = inodes(str(tmp_path / "a"))
+    assert len(first) > 20 and len(set(first.values())) > 20
+    assert inodes(str(tmp_path / "a")) == first  # indexes reopened from the cache
+    assert inodes(str(tmp_path / "b")) == first  # indexes rebuilt from the TOCs
+
+
+def test_corrupted_chunk_through_a_mount_fails_that_file_only(
+    registry: Registry, registry_proxy: RegistryProxy, mnt: Path, tmp_path: Path
+) -> None:
+    import trio
+
+    from stargzfs.index import load_index
+    from stargzfs.source import BytesSource
+
+    files = {
+        "bin/tool": os.urandom(300_000),
+        "etc/ok.conf": b"fine\n" * 100,
+        "var/filler.bin": os.urandom(1_500_000),  # keeps bin/tool out of the kept tail
+    }
+    layer = estargz_layer(make_tar(files), chunk_size=65536)
+    registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "corrupt/one:v1")
+    index = trio.run(load_index, BytesSource(layer.data))
+    entry = index.resolve("bin/tool")
+    assert entry is not None
+    chunk = index.chunks_for(entry, 100_000, 1)[0]
+    registry_proxy.corrupt_blob(layer.digest, (chunk.comp_offset + chunk.comp_end) // 2)
+    log = tmp_path / "d.log"
+    ref = f"{registry_proxy.host}/corrupt/one:v1"
+    args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--log-file", str(log))
+    assert stargzfs(*args).returncode == 0
+    with pytest.raises(OSError) as info:
+        (mnt / "bin/tool").read_bytes()
+    assert info.value.errno == errno.EIO
+    for path in ("etc/ok.conf", "var/filler.bin"):
+        assert (mnt / path).read_bytes() == files[path]
+    line = wait_for_line(log, "/bin/tool")
+    assert "corrupt" in line or "digest" in line, line
+    with pytest.raises(OSError):  # never cached: still EIO, never wrong bytes
+        (mnt / "bin/tool").read_bytes()
+    registry_proxy.corrupt_blob(layer.digest, -1)  # the registry is healthy again
+    assert (mnt / "bin/tool").read_bytes() == files["bin/tool"]
+    assert is_mounted(mnt) and sorted(os.listdir(mnt)) == ["bin", "etc", "var"]
+
+
+def test_zstd_chunked_layer_through_a_mount(
+    registry: Registry, fixtures_dir: Path, mnt: Path, tmp_path: Path
+) -> None:
+    from harness.oci import LayerBlob
+
+    meta = json.loads((fixtures_dir / "zstdchunked.json").read_text())
+    blob = (fixtures_dir / "zstdchunked.zstdchunked").read_bytes()
+    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "zstd/chunked:v1")
+    args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    result = stargzfs(*args)
+    assert result.returncode == 0, result.stderr
+    check_tree(mnt, meta, dir_nlink=True)
+    layers = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["layers"]
+    assert layers[0]["format"] == "zstd:chunked"
+
+
+def test_statfs_of_a_mount(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    args = ("mount", fixture_image, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    assert stargzfs(*args).returncode == 0
+    vfs = os.statvfs(mnt)
+    entries = sum(len(dirs) + len(files) for _, dirs, files in os.walk(mnt)) + 1
+    assert vfs.f_files >= entries
+    assert vfs.f_flag & os.ST_RDONLY
+    assert vfs.f_bsize >= 4096 and vfs.f_frsize >= 512
+    assert vfs.f_bfree == vfs.f_bavail == 0 and vfs.f_ffree == 0  # nothing can be written
+    # Like squashfs or erofs: the size is what the image takes (compressed), rounded up.
+    layers = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["layers"]
+    assert vfs.f_blocks * vfs.f_frsize >= sum(layer["size"] for layer in layers) > 0
+    assert vfs.f_namemax >= 255

@@ -216,7 +216,8 @@ class ImageOperations(pyfuse3.Operations):
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         total = sum(layer.index.entry_count for layer in self.view.layers)
-        data.f_blocks = sum(layer.source.size for layer in self.view.layers) // 4096
+        # Like squashfs/erofs: the image's (compressed) size, rounded up to whole blocks.
+        data.f_blocks = -(-sum(layer.source.size for layer in self.view.layers) // 4096)
         data.f_bfree = data.f_bavail = 0
         data.f_files = total
         data.f_ffree = data.f_favail = 0
