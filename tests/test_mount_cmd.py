@@ -117,13 +117,84 @@ def test_kill_9_then_umount_and_remount(fixture_image: str, mnt: Path, tmp_path:
     (mnt / "etc/passwd").read_bytes()
     for pid in daemon_pids(mnt):
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
-    # auto_unmount may already have cleaned up; either way umount must leave it clean.
-    stargzfs("umount", str(mnt))
+    # auto_unmount's helper notices the dead daemon and unmounts: nothing left to do.
+    deadline = time.monotonic() + 5
+    while is_mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert not is_mounted(mnt)
+    result = stargzfs("umount", str(mnt))
+    assert result.returncode == 4 and "not mounted" in result.stderr, result.stderr
     result = stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache)
     assert result.returncode == 0, result.stderr
     assert (mnt / "etc/passwd").read_bytes()
+
+
+def helper_pids(mnt: Path) -> list[int]:
+    """The auto_unmount helper (fusermount3) of a mount."""
+    pattern = f"fusermount3 .*-- {mnt}$"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_dead_mount_without_its_helper_is_cleared_by_umount(
+    fixture_image: str, mnt: Path, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache")
+    assert stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache).returncode == 0
+    helpers, daemons = helper_pids(mnt), daemon_pids(mnt)
+    assert len(helpers) == 1 and len(daemons) == 1
+    os.kill(helpers[0], signal.SIGKILL)  # no auto_unmount any more
+    os.kill(daemons[0], signal.SIGKILL)
+    time.sleep(0.3)
+    assert is_mounted(mnt)  # a dead mount: every access is ENOTCONN
+    with pytest.raises(OSError) as info:
+        os.listdir(mnt)
+    assert info.value.errno == errno.ENOTCONN
+    result = stargzfs("umount", str(mnt))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mnt)
+    assert stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache).returncode == 0
+    assert (mnt / "etc/passwd").read_bytes()
+
+
+def test_umount_of_nothing_says_not_mounted(tmp_path: Path) -> None:
+    result = stargzfs("umount", str(tmp_path))
+    assert result.returncode == 4
+    assert result.stderr.strip() == f"stargzfs: error: {tmp_path}: not mounted (nothing to unmount)"
+    assert stargzfs("umount", str(tmp_path / "missing")).returncode == 4
+
+
+def test_umount_refuses_a_foreign_fuse_mount_without_force(
+    mounter: Any, mountpoint: Path
+) -> None:
+    from harness import hellofs
+
+    mounter([sys.executable, hellofs.__file__, str(mountpoint)], mountpoint)
+    result = stargzfs("umount", str(mountpoint))
+    assert result.returncode == 2, result.stderr
+    assert "not a stargzfs mount" in result.stderr and "hellofs" in result.stderr
+    assert is_mounted(mountpoint)
+    result = stargzfs("umount", "--force", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(mountpoint)
+
+
+def test_umount_of_a_busy_mount_detaches_lazily_and_says_so(
+    fixture_image: str, mnt: Path, tmp_path: Path
+) -> None:
+    args = ("mount", fixture_image, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    assert stargzfs(*args).returncode == 0
+    (daemon,) = daemon_pids(mnt)
+    with open(mnt / "etc/passwd", "rb") as busy:
+        result = stargzfs("umount", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert "detached lazily" in result.stderr and "busy" in result.stderr
+        assert not is_mounted(mnt)
+        assert busy.read()  # open files keep working
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemon}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not daemon_pids(mnt)  # the daemon went once the last file was closed
 
 
 @pytest.mark.slow  # spends the retry budget on each cold read (~2 x 12 s)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from typing import Any
 
-from ..errors import StargzfsError, UsageError
+from ..errors import NotFoundError, StargzfsError, UsageError
 from .image_cmds import add_network_options
 from .layer_cmds import parse_size
 
@@ -73,6 +74,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     u = sub.add_parser("umount", help="unmount a stargzfs mount (also after a crash)")
     u.add_argument("mountpoint")
+    u.add_argument(
+        "--force", action="store_true", help="also unmount a FUSE mount that is not stargzfs"
+    )
     u.set_defaults(func=cmd_umount)
 
 
@@ -206,13 +210,56 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unescape_mountinfo(text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo`` (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mount_at(path: str) -> tuple[str, str] | None:
+    """``(fstype, source)`` of the topmost mount exactly at ``path``, or None. Read from
+    ``/proc/self/mountinfo``: a dead FUSE mount fails every ``stat`` with ENOTCONN."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) >= 5 and len(tail) >= 2 and _unescape_mountinfo(fields[4]) == path:
+                found = (tail[0], _unescape_mountinfo(tail[1]))
+    return found
+
+
+def is_stargzfs_mount(fstype: str, source: str) -> bool:
+    # The daemon mounts with fsname=stargzfs,subtype=stargzfs (fuse/daemon.py).
+    return fstype == "fuse.stargzfs" or (fstype.startswith("fuse") and source == "stargzfs")
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = os.path.realpath(args.mountpoint)
+    found = mount_at(mnt)
+    if found is None:
+        raise NotFoundError(f"{args.mountpoint}: not mounted (nothing to unmount)")
+    fstype, source = found
+    if not is_stargzfs_mount(fstype, source) and not args.force:
+        raise UsageError(
+            f"{args.mountpoint}: not a stargzfs mount ({fstype} from {source}); "
+            "use --force to unmount it anyway"
+        )
     fusermount = shutil.which("fusermount3") or "fusermount3"
-    for cmd in ([fusermount, "-u", mnt], [fusermount, "-uz", mnt]):
-        if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
-            return 0
-    raise UsageError(f"{args.mountpoint}: not a stargzfs mount (or it could not be unmounted)")
+    result = subprocess.run([fusermount, "-u", mnt], capture_output=True, text=True, check=False)
+    if mount_at(mnt) is None:  # unmounted (by us, or just now by auto_unmount's helper)
+        return 0
+    # Busy (an open file, a process's cwd): detach it now, it goes when they let go.
+    lazy = subprocess.run([fusermount, "-uz", mnt], capture_output=True, text=True, check=False)
+    if lazy.returncode == 0 and mount_at(mnt) is None:
+        print(
+            f"stargzfs: {args.mountpoint} was busy ({result.stderr.strip() or 'in use'}): "
+            "detached lazily; the daemon keeps serving files already open until they are "
+            "closed",
+            file=sys.stderr,
+        )
+        return 0
+    why = (lazy.stderr or result.stderr).strip() or "fusermount3 failed"
+    raise StargzfsError(f"{args.mountpoint}: could not unmount: {why}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
