@@ -21,14 +21,13 @@ pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixture
 
 def view(index: LayerIndex, entry: Entry) -> dict[str, Any]:
     """An entry in the fixtures' own vocabulary."""
-    implicit = entry.implicit
     return {
         "type": "hardlink" if entry.hardlink else entry.kind,
         "mode": entry.mode,
         "uid": entry.uid,
         "gid": entry.gid,
-        "uname": "" if implicit else index.uname(entry.uid),
-        "gname": "" if implicit else index.gname(entry.gid),
+        "uname": entry.uname,
+        "gname": entry.gname,
         "mtime": None if entry.mtime_ns is None else entry.mtime_ns // 1_000_000_000,
         "linkname": entry.linkname,
         "devmajor": entry.devmajor,

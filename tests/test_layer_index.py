@@ -122,3 +122,48 @@ async def test_load_index_refuses_unverifiable_chunks_of_a_verified_layer() -> N
         await load_index(BytesSource(blob), annotations)
     index = await load_index(BytesSource(blob))  # no annotation: an unverified layer
     assert not index.verified and index.resolve("f") is not None
+
+
+def test_owner_names_carry_forward_per_id_and_the_latest_wins() -> None:
+    index = build(
+        {"name": "./", "type": "dir", "userName": "root", "groupName": "wheel"},
+        {"name": "a", "type": "dir", "uid": 1000, "gid": 1000, "userName": "alice"},
+        {"name": "a/1", "type": "fifo", "uid": 1000, "gid": 1000},
+        {"name": "a/2", "type": "fifo", "uid": 1000, "gid": 50, "userName": "bob"},
+        {"name": "a/3", "type": "fifo", "uid": 1000, "gid": 50, "groupName": "staff"},
+        {"name": "a/4", "type": "fifo", "uid": 0, "gid": 1000},
+        {"name": "x/y", "type": "fifo", "uid": 7},  # x: an implicit dir
+        {**FILE, "name": "f", "uid": 1000, "gid": 50},
+        {"name": "l", "type": "hardlink", "linkName": "f", "uid": 0, "userName": "carol"},
+        {"name": "a/5", "type": "fifo", "uid": 1000, "gid": 1000},
+    )
+    got = {p: (e.uname, e.gname) for p, e in index.walk()}
+    assert got == {
+        "a": ("alice", ""),  # gname by gid, never by the uid's user name
+        "a/1": ("alice", ""),
+        "a/2": ("bob", ""),
+        "a/3": ("bob", "staff"),
+        "a/4": ("root", ""),
+        "a/5": ("bob", ""),
+        "f": ("bob", "staff"),
+        "l": ("bob", "staff"),  # a hardlink reports its target's owner
+        "x": ("", ""),
+        "x/y": ("", "wheel"),
+    }
+    root = index.resolve("")
+    assert root is not None and (root.uname, root.gname) == ("root", "wheel")
+    # Per id: the first name given.
+    assert (index.uname(1000), index.uname(0), index.gname(50)) == ("alice", "root", "staff")
+
+
+async def test_owner_names_survive_a_persisted_index(tmp_path: Any) -> None:
+    doc = toc(
+        {"name": "a", "type": "fifo", "uid": 5, "userName": "u1"},
+        {"name": "b", "type": "fifo", "uid": 5, "userName": "u2"},
+    )
+    built = LayerIndex.build(
+        doc, format="estargz", compression="gzip", toc_offset=1, path=tmp_path / "i.sqlite"
+    )
+    reopened = LayerIndex.open(tmp_path / "i.sqlite")
+    for index in (built, reopened):
+        assert [(p, e.uname) for p, e in index.walk()] == [("a", "u1"), ("b", "u2")]

@@ -43,7 +43,7 @@ from ..formats.toc import (
 __all__ = ["ROOT_ID", "Chunk", "Entry", "LayerIndex"]
 
 ROOT_ID = 1
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Entry kinds as stored; the TOC's "hardlink" rows point at a canonical row instead.
 _KINDS = ("", "dir", "reg", "symlink", "char", "block", "fifo", "hardlink")
@@ -70,7 +70,7 @@ CREATE TABLE entries (
     kind INTEGER NOT NULL,
     mode INTEGER, uid INTEGER, gid INTEGER, size INTEGER, mtime INTEGER,
     link TEXT, dev INTEGER, xattrs TEXT, digest BLOB,
-    offset INTEGER, inner INTEGER, nlink INTEGER, ino INTEGER
+    offset INTEGER, inner INTEGER, nlink INTEGER, ino INTEGER, owner INTEGER
 );
 CREATE TABLE chunks (
     entry INTEGER NOT NULL, foff INTEGER NOT NULL, size INTEGER NOT NULL,
@@ -78,9 +78,10 @@ CREATE TABLE chunks (
     PRIMARY KEY (entry, foff)
 ) WITHOUT ROWID;
 CREATE TABLE owners (kind TEXT, id INTEGER, name TEXT, PRIMARY KEY (kind, id)) WITHOUT ROWID;
+CREATE TABLE names (ref INTEGER PRIMARY KEY, uname TEXT, gname TEXT);
 """
 _COLUMNS = "id, parent, name, kind, mode, uid, gid, size, mtime, link, dev, xattrs, digest, "
-_COLUMNS += "offset, inner, nlink, ino"
+_COLUMNS += "offset, inner, nlink, ino, owner"
 _CHUNK_COLUMNS = "foff, size, offset, inner, digest, coalesce(flags, 0)"
 
 
@@ -121,6 +122,10 @@ class Entry:
     implicit: bool
     hardlink: bool  # this name is a hardlink to ``id``
     name_id: int  # the row of this name (== id unless hardlink)
+    # Owner names of this entry: its own userName/groupName, else the latest one the TOC
+    # gave for its uid/gid before it (upstream's carry-forward); "" for implicit dirs.
+    uname: str = ""
+    gname: str = ""
 
     @property
     def is_dir(self) -> bool:
@@ -155,6 +160,9 @@ class LayerIndex:
         self._offsets.frombytes(meta["offsets"])
         self._owners: dict[tuple[str, int], str] = {
             (k, i): n for k, i, n in db.execute("SELECT kind, id, name FROM owners")
+        }
+        self._names: dict[int, tuple[str, str]] = {
+            ref: (u, g) for ref, u, g in db.execute("SELECT ref, uname, gname FROM names")
         }
 
     # -- construction -------------------------------------------------------------------
@@ -365,9 +373,11 @@ class LayerIndex:
         return self._offsets[i] if i < len(self._offsets) else self.toc_offset
 
     def uname(self, uid: int) -> str:
+        """The first user name the TOC gives ``uid`` (an entry's own: ``Entry.uname``)."""
         return self._owners.get(("u", uid), "")
 
     def gname(self, gid: int) -> str:
+        """The first group name the TOC gives ``gid`` (an entry's own: ``Entry.gname``)."""
         return self._owners.get(("g", gid), "")
 
     def _entry(self, row: tuple[Any, ...]) -> Entry:
@@ -380,6 +390,7 @@ class LayerIndex:
             ).fetchone()
             kind = row[3]
         dev = row[10] or 0
+        uname, gname = self._names.get(row[17], ("", "")) if row[17] else ("", "")
         return Entry(
             id=row[0],
             parent=parent,
@@ -399,6 +410,8 @@ class LayerIndex:
             implicit=bool(kind & _F_IMPLICIT),
             hardlink=hardlink,
             name_id=name_id,
+            uname=uname,
+            gname=gname,
         )
 
 
@@ -421,7 +434,9 @@ class _Builder:
         self.hardlinks: list[tuple[int, str, str]] = []  # (row id, target path, own path)
         self.chunk_rows: list[tuple[Any, ...]] = []
         self.offsets: set[int] = set()
-        self.owners: dict[tuple[str, int], str] = {}
+        self.owners: dict[tuple[str, int], str] = {}  # first name per id (uname(), gname())
+        self.cur_names: dict[tuple[str, int], str] = {}  # latest name per id
+        self.name_refs: dict[tuple[str, str], int] = {}  # (uname, gname) -> names.ref
         self.landmark: str | None = None
         self.prefetch_end: int | None = None
         # The regular file that following "chunk" entries belong to.
@@ -433,7 +448,7 @@ class _Builder:
     def run(self, text: bytes | str | Iterable[bytes]) -> None:
         self.db.executemany(
             "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, "
-            "dev, xattrs, digest, offset, inner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "dev, xattrs, digest, offset, inner, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             self._rows(iter_toc_entries(text)),
         )
         self._finish_file()
@@ -442,7 +457,8 @@ class _Builder:
             [self.root_row, *self.implicit_rows],
         )
         self.db.executemany(
-            "UPDATE entries SET kind=?, mode=?, uid=?, gid=?, mtime=?, xattrs=? WHERE id=?",
+            "UPDATE entries SET kind=?, mode=?, uid=?, gid=?, mtime=?, xattrs=?, owner=? "
+            "WHERE id=?",
             self.dir_updates,
         )
         self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?)", self.chunk_rows)
@@ -460,6 +476,10 @@ class _Builder:
         self.db.executemany(
             "INSERT INTO owners VALUES (?, ?, ?)",
             [(k, i, n) for (k, i), n in self.owners.items()],
+        )
+        self.db.executemany(
+            "INSERT INTO names VALUES (?, ?, ?)",
+            [(ref, u, g) for (u, g), ref in self.name_refs.items()],
         )
 
     # Entries are validated and turned into rows here, one at a time (a generator feeding
@@ -486,16 +506,23 @@ class _Builder:
             if row is not None:
                 yield row
 
-    def _owner(self, e: dict[str, Any], raw_name: str) -> tuple[int, int]:
+    def _owner(self, e: dict[str, Any], raw_name: str) -> tuple[int, int, int | None]:
+        """uid, gid and the ``names`` ref of the entry's (uname, gname), None for none."""
         uid = _int(e, "uid", raw_name, 0, _MAX_ID)
         gid = _int(e, "gid", raw_name, 0, _MAX_ID)
-        uname, gname = e.get("userName"), e.get("groupName")
-        # Names are written only on the first entry with that id: carry them forward per id.
-        if isinstance(uname, str) and uname and ("u", uid) not in self.owners:
-            self.owners[("u", uid)] = uname
-        if isinstance(gname, str) and gname and ("g", gid) not in self.owners:
-            self.owners[("g", gid)] = gname
-        return uid, gid
+        # Names are written only when they change for an id (upstream's nameIfChanged):
+        # an entry without one has the latest name seen for its uid (gname: its gid).
+        for key, value in ((("u", uid), e.get("userName")), (("g", gid), e.get("groupName"))):
+            if isinstance(value, str) and value:
+                self.cur_names[key] = value
+                self.owners.setdefault(key, value)
+        names = (self.cur_names.get(("u", uid), ""), self.cur_names.get(("g", gid), ""))
+        if names == ("", ""):
+            return uid, gid, None
+        ref = self.name_refs.get(names)
+        if ref is None:
+            ref = self.name_refs[names] = len(self.name_refs) + 1
+        return uid, gid, ref
 
     def _parent(self, path: str) -> tuple[int, str]:
         """The parent dir's id (creating implicit dirs) and the base name."""
@@ -519,7 +546,7 @@ class _Builder:
 
     def _row(self, e: dict[str, Any], raw: str, path: str, kind: str) -> tuple[Any, ...] | None:
         mode = _int(e, "mode", raw, 0) & 0o7777
-        uid, gid = self._owner(e, raw)
+        uid, gid, owner = self._owner(e, raw)
         modtime = e.get("modtime")
         mtime = None
         if modtime is not None:
@@ -533,12 +560,12 @@ class _Builder:
         if kind == "dir":
             if path == "":
                 self.root_row = (ROOT_ID, ROOT_ID, "", DIR, mode)
-                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, ROOT_ID))
+                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, owner, ROOT_ID))
                 return None
             existing = self.dirs.get(path)
             if existing is not None:
                 # A dir entry after its children (or repeated): update, keep the inode.
-                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, existing))
+                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, owner, existing))
                 return None
         elif path == "":
             raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
@@ -614,6 +641,7 @@ class _Builder:
             digest,
             offset,
             inner,
+            owner,
         )
 
     def _add_chunk(self, e: dict[str, Any], raw: str) -> None:
