@@ -56,7 +56,8 @@ def build(doc: str | dict[str, Any], toc_offset: int = 1000) -> LayerIndex:
     [
         ("../etc/passwd", "'..'"),
         ("a/../../b", "'..'"),
-        ("/etc/shadow", "absolute"),
+        ("/../etc/shadow", "'..'"),
+        ("./..", "'..'"),
         ("a\x00b", "NUL"),
     ],
 )
@@ -64,6 +65,34 @@ def test_hostile_names_are_rejected_naming_the_entry(name: str, why: str) -> Non
     with pytest.raises(UnsafePathError, match=why) as info:
         build(toc({"name": name, "type": "dir"}))
     assert repr(name) in str(info.value)
+
+
+def test_names_are_cleaned_like_upstream() -> None:
+    """``path.Clean("/" + name)`` made relative: leading slashes go, ``/`` and ``./`` are the
+    root, a ``..`` that stays inside the layer is resolved."""
+    index = build(
+        toc(
+            {"name": "/", "type": "dir", "mode": 0o700},
+            {"name": "/etc/", "type": "dir"},
+            {"name": "/etc/shadow", "type": "reg", "size": 3, "offset": 0},
+            {"name": "//etc//passwd", "type": "reg", "size": 3, "offset": 10},
+            {"name": "/etc/link", "type": "hardlink", "linkName": "/etc/shadow"},
+            {"name": "./usr/../opt/./x", "type": "fifo"},
+        )
+    )
+    assert [p for p, _ in index.walk()] == [
+        "etc",
+        "etc/link",
+        "etc/passwd",
+        "etc/shadow",
+        "opt",
+        "opt/x",
+    ]
+    root = index.resolve("")
+    assert root is not None and root.mode == 0o700 and not root.implicit
+    link = index.resolve("etc/link")
+    assert link is not None and link.hardlink and link.nlink == 2
+    assert build(toc({"name": "./", "type": "dir", "mode": 0o711})).get(1).mode == 0o711
 
 
 def test_hostile_hardlink_target_is_rejected() -> None:

@@ -75,6 +75,7 @@ from typing import IO, Any, Protocol
 from ..errors import FormatError, NotFoundError, UnsafePathError, UnsupportedError, UsageError
 from .footer import estargz_footer
 from .gzip_members import MemberWriter, compress_member_parts
+from .toc import clean_name
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -364,17 +365,15 @@ def _parse_pax(data: bytes, entry: str) -> dict[str, bytes]:
 
 
 def _check_name(name: str, what: str) -> str:
-    """The cleaned form of a member name; hostile names raise :class:`UnsafePathError`."""
+    """The cleaned form of a member name, as the reader cleans TOC names (and as upstream's
+    writer accepts them: ``/etc/passwd`` is ``etc/passwd``); a NUL or a ``..`` escaping the
+    root raises :class:`UnsafePathError`. The TOC keeps the name as stored."""
     if name == "":
         raise UnsafePathError(f"{what}: empty name")
-    if "\x00" in name:
-        raise UnsafePathError(f"{what} {name!r}: name contains NUL")
-    if name.startswith("/"):
-        raise UnsafePathError(f"{what} {name!r}: absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafePathError(f"{what} {name!r}: '..' in path")
-    return "/".join(parts)
+    try:
+        return clean_name(name)
+    except UnsafePathError as e:
+        raise UnsafePathError(f"{what}: {e}") from None
 
 
 def _modtime(pax_mtime: bytes | None, header_mtime: int, entry: str) -> str:

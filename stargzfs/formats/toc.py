@@ -44,8 +44,10 @@ _RFC3339 = re.compile(
 def clean_name(name: str) -> str:
     """Clean a TOC/tar entry name to a relative path; "" is the layer root.
 
-    ``./a//b/`` → ``a/b``. Rejects, naming the entry: NUL bytes, names that are absolute
-    after cleaning, and ``..`` components (a layer must never reach outside its root).
+    As upstream's ``cleanEntryName`` (``path.Clean("/" + name)`` made relative):
+    ``./a//b/`` → ``a/b``, ``/etc/passwd`` → ``etc/passwd``, ``a/../b`` → ``b``, and ``/``,
+    ``.`` or ``./`` alone name the root. Rejected, naming the entry: NUL bytes, and a ``..``
+    that climbs above the root (upstream silently clamps it; a hostile layer gets an error).
     """
     if (
         "\x00" not in name
@@ -56,11 +58,16 @@ def clean_name(name: str) -> str:
         return name.rstrip("/")  # the common case: already clean
     if "\x00" in name:
         raise UnsafePathError(f"entry name {name!r} contains a NUL byte")
-    if name.startswith("/"):
-        raise UnsafePathError(f"entry name {name!r} is an absolute path")
-    parts = [p for p in name.split("/") if p and p != "."]
-    if ".." in parts:
-        raise UnsafePathError(f"entry name {name!r} has a '..' component")
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part == "..":
+            if not parts:
+                raise UnsafePathError(
+                    f"entry name {name!r} has a '..' component that escapes the layer root"
+                )
+            parts.pop()
+        elif part and part != ".":
+            parts.append(part)
     return "/".join(parts)
 
 
