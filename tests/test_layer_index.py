@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from layer_helpers import blob_with_toc
 
 from stargzfs.errors import FormatError
@@ -167,3 +169,65 @@ async def test_owner_names_survive_a_persisted_index(tmp_path: Any) -> None:
     reopened = LayerIndex.open(tmp_path / "i.sqlite")
     for index in (built, reopened):
         assert [(p, e.uname) for p, e in index.walk()] == [("a", "u1"), ("b", "u2")]
+
+
+def many_chunks(n: int, size: int = 100) -> LayerIndex:
+    entries: list[dict[str, Any]] = [
+        {"name": "big", "type": "reg", "size": n * size, "offset": 0, "chunkSize": size}
+    ]
+    entries += [
+        {"name": "big", "type": "chunk", "offset": 10 * i, "chunkOffset": size * i}
+        | ({"chunkSize": size} if i < n - 1 else {})
+        for i in range(1, n)
+    ]
+    entries.append({"name": "small", "type": "reg", "size": 7, "offset": 10 * n})
+    return build(*entries)
+
+
+def test_a_read_in_the_middle_of_a_big_file_gets_just_its_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = many_chunks(5000)
+    big = index.resolve("big")
+    assert big is not None
+    every = index.chunks(big)
+    assert len(every) == 5000
+    monkeypatch.setattr(index, "chunks", None)  # no loading of the file's whole chunk list
+    got = index.chunks_for(big, 250_050, 300)  # inside chunk 2500 to inside chunk 2503
+    assert got == every[2500:2504]
+    assert [c.file_offset for c in got] == [250_000, 250_100, 250_200, 250_300]
+    assert got[0].comp_offset == 25_000 and got[0].comp_end == 25_010
+    # The cost is that of the chunks returned: count SQLite VM steps.
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    index._db.set_progress_handler(step, 1)
+    index.chunks_for(big, 250_050, 250)
+    mid = steps
+    steps = 0
+    index._db.execute("SELECT count(*) FROM chunks WHERE entry=?", (big.id,)).fetchone()
+    assert mid * 20 < steps, (mid, steps)
+    index._db.set_progress_handler(None, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=st.integers(-5, 1100), length=st.integers(0, 1100))
+def test_chunks_for_is_the_overlapping_chunks(offset: int, length: int) -> None:
+    index = INDEX_37
+    for name in ("big", "small"):
+        entry = index.resolve(name)
+        assert entry is not None
+        end = min(offset + length, entry.size)
+        want = [
+            c
+            for c in index.chunks(entry)
+            if offset < end and c.file_offset < end and c.file_offset + c.size > max(offset, 0)
+        ]
+        assert index.chunks_for(entry, offset, length) == want
+
+
+INDEX_37 = many_chunks(37, size=27)  # 999 bytes in 37 chunks

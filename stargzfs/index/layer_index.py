@@ -311,34 +311,47 @@ class LayerIndex:
         """All chunks of a regular file, in file order (empty for an empty file)."""
         if entry.kind != "reg" or entry.size == 0:
             return []
-        rows = self._db.execute(
-            "SELECT kind, offset, inner FROM entries WHERE id=?", (entry.id,)
-        ).fetchone()
-        if rows[0] & _F_CHUNKED:
-            return [
-                self._chunk(*row)
-                for row in self._db.execute(
-                    f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE entry=? ORDER BY foff",
-                    (entry.id,),
-                )
-            ]
-        off, inner = rows[1], rows[2] or 0
-        return [Chunk(0, entry.size, off, self.compressed_end(off), inner, entry.digest)]
+        single = self._single_chunk(entry)
+        if single is not None:
+            return [single]
+        return [
+            self._chunk(*row)
+            for row in self._db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE entry=? ORDER BY foff", (entry.id,)
+            )
+        ]
 
     def chunks_for(self, entry: Entry, offset: int, length: int) -> list[Chunk]:
-        """The chunks holding bytes ``[offset, offset+length)`` of a file (clipped to EOF)."""
+        """The chunks holding bytes ``[offset, offset+length)`` of a file (clipped to EOF).
+
+        One range query on the (entry, file offset) key: the cost is that of the chunks
+        returned, not of the file's chunk count.
+        """
         end = min(offset + length, entry.size)
-        if offset >= end:
+        if entry.kind != "reg" or offset >= end:
             return []
-        all_chunks = self.chunks(entry)
-        starts = [c.file_offset for c in all_chunks]
-        first = max(bisect.bisect_right(starts, offset) - 1, 0)
-        out = []
-        for chunk in all_chunks[first:]:
-            if chunk.file_offset >= end:
-                break
-            out.append(chunk)
-        return out
+        single = self._single_chunk(entry)
+        if single is not None:
+            return [single]
+        return [
+            self._chunk(*row)
+            for row in self._db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE entry=?1 AND foff < ?3 "
+                "AND foff >= coalesce("
+                "(SELECT max(foff) FROM chunks WHERE entry=?1 AND foff <= ?2), 0) "
+                "ORDER BY foff",
+                (entry.id, offset, end),
+            )
+        ]
+
+    def _single_chunk(self, entry: Entry) -> Chunk | None:
+        """The one chunk of a file kept in its own row; None when it has rows in ``chunks``."""
+        kind, off, inner = self._db.execute(
+            "SELECT kind, offset, inner FROM entries WHERE id=?", (entry.id,)
+        ).fetchone()
+        if kind & _F_CHUNKED:
+            return None
+        return Chunk(0, entry.size, off, self.compressed_end(off), inner or 0, entry.digest)
 
     def chunks_before(self, end: int) -> list[Chunk]:
         """Every chunk whose compressed bytes lie entirely before ``end`` (the prefetch
