@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import trio
 from layer_helpers import FIXTURES, CountingSource, expected, index_of
 
 from stargzfs.cache import ChunkCache
+from stargzfs.cache.chunk_cache import STALE_TMP_SECONDS
 from stargzfs.reader import ChunkReader, FetchGate
 from stargzfs.source import ByteSource, FileSource
 from stargzfs.view import ImageView, LayerView
@@ -299,3 +301,63 @@ async def test_stats_show_prefetch_and_background_fetch_state() -> None:
     layer = view.stats()["layers"][0]  # type: ignore[index]
     assert layer["prefetch"] == f"done ({len(files)} chunks)"
     assert layer["background_fetch"] == f"done ({fetched} chunks)"
+
+
+def _chunk(n: int, size: int = 3000) -> tuple[bytes, bytes]:
+    data = bytes([n]) * size
+    return hashlib.sha256(data).digest(), data
+
+
+def test_opening_the_cache_removes_stale_temp_files(tmp_path: Path) -> None:
+    ChunkCache(tmp_path).put(*_chunk(1))
+    folder = next((tmp_path / "chunks").iterdir())
+    stale, fresh = folder / ".tmp-dead", folder / ".tmp-writing"
+    stale.write_bytes(b"half a chunk")
+    fresh.write_bytes(b"being written")
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    cache = ChunkCache(tmp_path)
+    cache.scan()
+    assert not stale.exists() and fresh.exists()  # a live writer's file is left alone
+    assert cache.stats.stale_removed == 1
+    assert cache.disk_bytes == 3000  # the chunk, not the temporary files
+
+
+def test_put_of_a_chunk_already_on_disk_refreshes_its_age(tmp_path: Path) -> None:
+    chunks = [_chunk(i) for i in range(4)]
+    first = ChunkCache(tmp_path, memory_bytes=0)
+    for i, (digest, data) in enumerate(chunks[:3]):
+        first.put(digest, data)
+        os.utime(first._path(digest), (1000 + i, 1000 + i))  # 0 oldest, 2 newest
+    # Another mount, later: fetches chunk 0 again (say, another layer holds it too).
+    cache = ChunkCache(tmp_path, memory_bytes=0, max_disk_bytes=10_000)
+    cache.scan()
+    cache.put(*chunks[0])
+    assert os.stat(cache._path(chunks[0][0])).st_mtime > time.time() - 60
+    cache.put(*chunks[3])  # over the bound: the least recently used goes
+    assert cache.get(chunks[0][0]) == chunks[0][1]
+    assert cache.get(chunks[1][0]) is None
+    assert cache.stats.evicted == 1
+
+
+def test_eviction_does_not_rescan_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(20):  # a previous run's chunks, oldest first
+        digest, data = _chunk(i, 1000)
+        ChunkCache(tmp_path).put(digest, data)
+        os.utime(ChunkCache(tmp_path)._path(digest), (1000 + i, 1000 + i))
+    cache = ChunkCache(tmp_path, memory_bytes=0, max_disk_bytes=10_000)
+    scans: list[object] = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real(path))
+    cache.scan()
+    assert cache.stats.evicted == 11  # opened over the bound: down to 90%
+    opened = len(scans)
+    for i in range(20, 60):
+        cache.put(*_chunk(i, 1000))
+    assert cache.stats.evicted > 11 + 30 and len(scans) == opened  # no more directory scans
+    assert cache.disk_bytes <= 10_000
+    on_disk = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in on_disk) == cache.disk_bytes
+    assert cache.get(_chunk(59, 1000)[0]) is not None and cache.get(_chunk(19, 1000)[0]) is None

@@ -326,6 +326,10 @@ def test_cache_size_bounds_the_disk_cache(registry: Registry, mnt: Path, tmp_pat
     layer = estargz_layer(make_tar(files), chunk_size=65536)
     ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "bounded/c:v1")
     cache = tmp_path / "cache"
+    stale = cache / "chunks" / "00" / ".tmp-dead-writer"  # from a daemon killed mid-write
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(os.urandom(1000))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     args = ("mount", ref, str(mnt), "--cache-dir", str(cache), "--cache-size", "600K")
     assert stargzfs(*args, "--no-prefetch").returncode == 0
     for path, data in files.items():
@@ -334,6 +338,7 @@ def test_cache_size_bounds_the_disk_cache(registry: Registry, mnt: Path, tmp_pat
     assert 0 < sum(p.stat().st_size for p in chunks) <= 600 * 1024
     stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
     assert stats["cache"]["evicted"] > 0
+    assert not stale.exists() and stats["cache"]["stale_removed"] == 1
 
 
 def wait_for_prefetch(mnt: Path, timeout: float = 20) -> list[dict[str, object]]:

@@ -7,23 +7,39 @@ from disk is verified again before use — the disk is outside our control — a
 deleted and treated as a miss.
 
 With ``max_disk_bytes`` the disk store is bounded: when a write takes it over the limit, the
-least recently used chunk files (by mtime, refreshed on every hit) are deleted until it is
-at 90% of it. Several processes may share a directory; each keeps its own running total, so
-the bound is approximate, and a file evicted under another reader is just a miss for it.
+least recently used chunk files are deleted until it is at 90% of it. Recency lives in an
+in-memory index (digest → size, oldest first) built by one scan of the directory when the
+cache is opened (:meth:`ChunkCache.scan`, which the mount runs in a thread right after
+mounting; the first write runs it otherwise) and kept up to date by every hit and write, so
+an eviction never rescans the directory. The file mtimes carry recency across processes and
+remounts: they are refreshed on every hit, and on a write of a chunk already on disk.
+
+The scan also deletes temporary files older than :data:`STALE_TMP_SECONDS`, left by a
+writer that died between creating and renaming one.
+
+Several processes may share a directory; each keeps its own index of what it saw, so the
+bound is approximate, and a file evicted under another reader is just a miss for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-__all__ = ["CacheStats", "ChunkCache"]
+__all__ = ["STALE_TMP_SECONDS", "CacheStats", "ChunkCache"]
+
+log = logging.getLogger(__name__)
+
+STALE_TMP_SECONDS = 600  # a temporary file this old has no live writer
 
 
 @dataclass
@@ -34,6 +50,7 @@ class CacheStats:
     stored: int = 0
     corrupt: int = 0
     evicted: int = 0
+    stale_removed: int = 0  # temporary files of dead writers deleted by the scan
 
 
 class ChunkCache:
@@ -51,7 +68,12 @@ class ChunkCache:
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
         self._disk_lock = threading.Lock()
-        self._disk_total: int | None = None  # bytes on disk, scanned on first need
+        # digest -> file size, least recently used first; None until scan() ran.
+        self._lru: OrderedDict[bytes, int] | None = None
+        self._pending: OrderedDict[bytes, int] = OrderedDict()  # used while scanning
+        self._scanning = False
+        self._disk_total = 0  # bytes of the files in _lru
+        self.scans = 0  # directory scans (one per cache object)
         self.stats = CacheStats()
 
     def _path(self, digest: bytes) -> str:
@@ -98,11 +120,12 @@ class ChunkCache:
                 if hashlib.sha256(data).digest() == digest:
                     self.stats.disk_hits += 1
                     self._remember(digest, data)
-                    os.utime(path)  # recency, for size-bounded eviction
+                    self._touch(digest, path, len(data))
                     return data
                 self.stats.corrupt += 1
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+                self._forget(digest)
         self.stats.misses += 1
         return None
 
@@ -114,6 +137,7 @@ class ChunkCache:
             return
         path = self._path(digest)
         if os.path.exists(path):
+            self._touch(digest, path, len(data))  # written again: recently used
             return
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -126,44 +150,121 @@ class ChunkCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._account(len(data))
+        self._add(digest, len(data))
 
-    def _files(self) -> list[tuple[float, int, str]]:
-        """(mtime, size, path) of every chunk file."""
+    # -- the disk index ------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Open the disk tier: delete stale temporary files and build the recency index
+        from the chunk files' mtimes. Blocking (run it in a thread); once per object.
+        Writes and hits while it runs are kept aside and count as the most recent."""
+        if self.directory is None:
+            return
+        with self._disk_lock:
+            if self._lru is not None or self._scanning:
+                return
+            self._scanning = True
+        found: list[tuple[float, bytes, int]] = []
+        try:
+            found = self._read_dir()
+        except OSError as e:  # unreadable: bound only what this process writes
+            log.warning("cannot scan the chunk cache %s: %s", self.directory, e)
+        finally:
+            with self._disk_lock:
+                lru = OrderedDict((digest, size) for _, digest, size in sorted(found))
+                for digest, size in self._pending.items():
+                    lru[digest] = size
+                    lru.move_to_end(digest)
+                self._pending.clear()
+                self._lru, self._disk_total = lru, sum(lru.values())
+                self._scanning = False
+                self.scans += 1
+        self._evict()
+
+    def _read_dir(self) -> list[tuple[float, bytes, int]]:
         assert self.directory is not None
-        out = []
-        for folder in os.scandir(self.directory):
-            if not folder.is_dir():
+        now = time.time()
+        found: list[tuple[float, bytes, int]] = []
+        try:
+            folders = [f.path for f in os.scandir(self.directory) if f.is_dir()]
+        except FileNotFoundError:
+            return found
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
                 continue
-            for entry in os.scandir(folder.path):
-                if entry.name.startswith(".tmp-"):
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    st = entry.stat()
-                    out.append((st.st_mtime, st.st_size, entry.path))
-        return out
+                if entry.name.startswith(".tmp-"):
+                    if now - st.st_mtime > STALE_TMP_SECONDS:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            self.stats.stale_removed += 1
+                    continue
+                try:
+                    digest = bytes.fromhex(entry.name)
+                except ValueError:
+                    continue
+                if len(digest) == 32:
+                    found.append((st.st_mtime, digest, st.st_size))
+        return found
 
-    def _account(self, added: int) -> None:
+    def _use(self, digest: bytes, size: int) -> bool:
+        """Mark ``digest`` (``size`` bytes on disk) the most recently used; caller holds
+        the lock. Returns whether the index must still be built."""
+        if self._lru is None:
+            self._pending[digest] = size
+            self._pending.move_to_end(digest)
+            return not self._scanning
+        if digest not in self._lru:
+            self._disk_total += size
+        self._lru[digest] = size
+        self._lru.move_to_end(digest)
+        return False
+
+    def _touch(self, digest: bytes, path: str, size: int) -> None:
+        """A hit (or a rewrite) of a file on disk: now the most recently used."""
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for other processes and the next scan
+        with self._disk_lock:
+            self._use(digest, size)
+        self._evict()
+
+    def _add(self, digest: bytes, size: int) -> None:
+        with self._disk_lock:
+            must_scan = self._use(digest, size)
+        if must_scan:  # nobody opened the index yet: the first write does
+            self.scan()
+        self._evict()
+
+    def _forget(self, digest: bytes) -> None:
+        with self._disk_lock:
+            self._pending.pop(digest, None)
+            if self._lru is not None:
+                self._disk_total -= self._lru.pop(digest, 0)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of chunk files this cache knows of (after :meth:`scan`)."""
+        return self._disk_total
+
+    def _evict(self) -> None:
         if self.max_disk_bytes is None:
             return
         with self._disk_lock:
-            if self._disk_total is None:
-                self._disk_total = sum(size for _, size, _ in self._files())
-            else:
-                self._disk_total += added
-            if self._disk_total <= self.max_disk_bytes:
+            if self._lru is None or self._disk_total <= self.max_disk_bytes:
                 return
-            files = sorted(self._files())
-            total = sum(size for _, size, _ in files)
             target = self.max_disk_bytes * 9 // 10
-            for _, size, path in files:
-                if total <= target:
-                    break
+            while self._lru and self._disk_total > target:
+                digest, size = self._lru.popitem(last=False)
+                self._disk_total -= size
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    os.unlink(self._path(digest))
                     self.stats.evicted += 1
-                total -= size
-            self._disk_total = total
 
     def _remember(self, digest: bytes, data: bytes) -> None:
         if len(data) <= self._memory.maxsize:

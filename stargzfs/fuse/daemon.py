@@ -66,6 +66,8 @@ async def serve(
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             # stat() of the mount point is a FUSE request: it must not run before main().
             nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
+            # Open the disk cache's index (and drop dead writers' temp files) off the loop.
+            nursery.start_soon(trio.to_thread.run_sync, view.cache.scan)
             if ready is not None:
                 ready()
             for position in range(len(view.layers)):
