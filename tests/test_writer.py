@@ -8,6 +8,7 @@ also reads our blobs back through the reader against the reference fixtures' exp
 from __future__ import annotations
 
 import base64
+import codecs
 import gzip
 import hashlib
 import io
@@ -890,6 +891,41 @@ def trees(draw: st.DrawFn) -> tuple[bytes, list[str]]:
     return make_tar(members), prioritized
 
 
+def tar_names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        return [m.name.rstrip("/") for m in tf]
+
+
+def landmark_of(prioritized: list[str]) -> str:
+    return ".prefetch.landmark" if prioritized else ".no.prefetch.landmark"
+
+
+def system_tar_listing(blob: bytes) -> list[str] | None:
+    """The member names ``gzip -dc | tar -tf -`` prints (None without those tools)."""
+    if shutil.which("gzip") is None or shutil.which("tar") is None:
+        return None
+    env = {**os.environ, "LC_ALL": "C"}  # every non-ASCII byte printed as an octal escape
+    gz = subprocess.Popen(["gzip", "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert gz.stdin is not None
+    tar = subprocess.Popen(
+        ["tar", "--quoting-style=escape", "-tf", "-"],
+        stdin=gz.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert gz.stdout is not None
+    gz.stdout.close()  # tar holds the read end now
+    gz.stdin.write(blob)
+    gz.stdin.close()
+    out, err = tar.communicate()
+    assert gz.wait() == 0 and tar.returncode == 0, err
+    return [
+        codecs.escape_decode(line)[0].decode("utf-8", "surrogateescape").rstrip("/")
+        for line in out.split(b"\n")[:-1]
+    ]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees(), min_chunk=st.sampled_from([0, 0, 64, 700]), workers=st.sampled_from([1, 2]))
 def test_generated_trees(tree: tuple[bytes, list[str]], min_chunk: int, workers: int) -> None:
@@ -898,8 +934,14 @@ def test_generated_trees(tree: tuple[bytes, list[str]], min_chunk: int, workers:
         tar, chunk_size=CS, min_chunk_size=min_chunk, prioritized=prioritized, workers=workers
     )
     b = check_blob(tar, blob, result)
+    # A plain `gzip -dc | tar -t` (no Python in the loop) lists the input plus TOC and landmark.
+    listing = system_tar_listing(blob)
+    if listing is not None:
+        assert listing == tar_names(gunzip(blob))
+        expected = [*tar_names(tar), "stargz.index.json", landmark_of(prioritized)]
+        assert sorted(listing) == sorted(expected)
     names = [clean(e["name"]) for e in b.entries]
-    landmark = ".prefetch.landmark" if prioritized else ".no.prefetch.landmark"
+    landmark = landmark_of(prioritized)
     assert names.count(landmark) == 1
     before = names[: names.index(landmark)]
     assert set(map(clean, prioritized)) <= set(before)
