@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Benchmark: load the index of a layer with N (default 1,000,000) entries.
 
-Builds an eStargz blob whose TOC has N entries shaped like a real rootfs (directories of
-~50 entries, files with digests, offsets, modes, times; some symlinks, hardlinks and
-multi-chunk files), then, in a fresh child process per measurement:
+By default the layer is made **with our writer**: a tar stream of N entries shaped like a
+real rootfs (directories of ~50 entries, mostly empty files, small files, some symlinks and
+hardlinks, a few files of several chunks) is generated on the fly (never a tree on disk, never
+the whole tar in memory or on disk) and piped into ``stargzfs.convert.convert_layer``; its
+TOC is then taken out of the blob. With ``--synthetic`` the TOC JSON is generated directly
+instead (no writer; files with digests, offsets, modes, times, multi-chunk files).
+
+Then, in a fresh child process per measurement:
 
 * ``memory``: index built in memory (what ``stargzfs ls`` does without a cache dir);
 * ``file``: index built into a file in a cache dir (what the mount does the first time);
@@ -13,19 +18,22 @@ multi-chunk files), then, in a fresh child process per measurement:
 
 For each it prints load time and resident memory beyond what the process held with the
 raw TOC JSON in hand (the issue's budget: at most 200 bytes per entry), then lookup and
-listing speed. Run: ``python scripts/bench_index.py [--entries N]``.
+listing speed. Run: ``python scripts/bench_index.py [--entries N] [--synthetic]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -139,6 +147,121 @@ def make_toc(n: int, seed: int = 1) -> tuple[bytes, list[str]]:
     return json.dumps({"version": 1, "entries": entries}, separators=(",", ":")).encode(), sample
 
 
+BIG_FILE = 10 * 1024 * 1024 + 17  # 3 chunks at the writer's default 4 MiB
+BIG_FILES = 8  # "a few chunks": spread over the layer
+
+
+def write_tar(n: int, out: io.BufferedWriter, sample: list[str], seed: int = 1) -> int:
+    """A layer tar of exactly n entries, streamed to ``out``; fills ``sample`` with paths.
+
+    Mostly empty files (the bulk of a real rootfs by count), small files of a few hundred
+    bytes, 5 % symlinks, 1 % hardlinks, directories of ~50 entries and BIG_FILES files of
+    several chunks. Returns the payload bytes written.
+    """
+    rnd = random.Random(seed)
+    payload = 0
+    noise = random.Random(seed + 1).randbytes(1 << 20)
+    mtime = 1_704_067_200  # 2024-01-01
+    big_at = {max(1, (k + 1) * n // (BIG_FILES + 1)) for k in range(BIG_FILES)}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+
+        def add(name: str, kind: bytes, size: int = 0, link: str = "", mode: int = 0o644) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname, info.mode, info.mtime = (
+                kind,
+                size,
+                link,
+                mode,
+                mtime,
+            )
+            info.uname = info.gname = "root"
+            data = None
+            if size:
+                data = io.BytesIO((noise * (size // len(noise) + 1))[:size])
+            tar.addfile(info, data)
+
+        dirs = ["usr", "usr/lib", "usr/share"]
+        for d in dirs:
+            add(d, tarfile.DIRTYPE, mode=0o755)
+        count, i = len(dirs), 0
+        while count < n:
+            if i % 50 == 0:
+                d = f"{rnd.choice(dirs)}/pkg-{i // 50:06d}"
+                dirs.append(d)
+                add(d, tarfile.DIRTYPE, mode=0o755)
+                count += 1
+                if count >= n:
+                    break
+            name = f"{dirs[-1]}/file-{i:07d}.{rnd.choice(['py', 'so', 'txt', 'h', 'json'])}"
+            r = rnd.random()
+            if count in big_at:
+                add(name, tarfile.REGTYPE, BIG_FILE)
+                payload += BIG_FILE
+            elif r < 0.05:
+                add(name, tarfile.SYMTYPE, link="../target", mode=0o777)
+            elif r < 0.06 and sample:
+                add(name, tarfile.LNKTYPE, link=sample[-1])
+            else:
+                size = rnd.randint(1, 400) if r < 0.30 else 0
+                add(name, tarfile.REGTYPE, size)
+                payload += size
+                if len(sample) < 10000 and rnd.random() < 0.05:
+                    sample.append(name)
+            count += 1
+            i += 1
+    return payload
+
+
+def build_with_writer(n: int, tmp: str) -> tuple[str, list[str], dict[str, str]]:
+    """Our eStargz blob of a generated n-entry tar (piped, never on disk), its TOC JSON in a
+    file next to it; returns the TOC path, sampled file paths and the blob's annotations."""
+    import trio
+
+    from stargzfs.convert import convert_layer
+    from stargzfs.formats.layer import fetch_toc
+    from stargzfs.source import FileSource
+
+    toc_path = os.path.join(tmp, "toc.json")
+    blob_path = toc_path + ".esgz"
+    sample: list[str] = []
+    r, w = os.pipe()
+    produced: dict[str, int] = {}
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(w, "wb", buffering=1 << 20) as f:
+                produced["payload"] = write_tar(n, f, sample)
+        except BrokenPipeError:
+            pass  # the converter stopped reading: its error is the one reported
+        except BaseException as e:  # reported by the main thread
+            failure.append(e)
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=produce, name="tar-generator")
+    thread.start()
+    try:
+        with os.fdopen(r, "rb", buffering=1 << 20) as src, open(blob_path, "wb") as dst:
+            result = convert_layer(src, dst)
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+    convert_s = time.perf_counter() - t0
+    source = FileSource(blob_path)
+    raw = trio.run(fetch_toc, source, result.annotations)
+    with open(toc_path, "wb") as f:
+        for piece in raw.pieces():
+            f.write(piece)
+    source.close()
+    print(
+        f"layer: {n:,} entries written by convert_layer in {convert_s:.1f} s "
+        f"({produced.get('payload', 0) / 1e6:.0f} MB of file data): blob "
+        f"{result.blob_size / 1e6:.1f} MB, TOC {os.path.getsize(toc_path) / 1e6:.0f} MB JSON"
+    )
+    return toc_path, sample, result.annotations
+
+
 def write_blob(toc_path: str) -> None:
     """A TOC-only eStargz blob (TOC member + footer) of the generated TOC, for "blob" mode."""
     import gzip
@@ -175,12 +298,18 @@ def child(mode: str, toc_path: str, cache: str, sample_path: str) -> None:
         from stargzfs.index import load_index
         from stargzfs.source import FileSource
 
+        annotations: dict[str, str] = {}
+        if os.path.exists(toc_path + ".annotations.json"):
+            with open(toc_path + ".annotations.json") as f:
+                annotations = json.load(f)  # a verified layer, as a mount sees it
         base = rss_kib()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         t0 = time.perf_counter()
         source = FileSource(toc_path + ".esgz")
-        index = trio.run(lambda: load_index(source, {}, cache_dir=cache, blob_digest="sha256:x"))
+        index = trio.run(
+            lambda: load_index(source, annotations, cache_dir=cache, blob_digest="sha256:x")
+        )
         load = time.perf_counter() - t0
         print(
             json.dumps(
@@ -254,30 +383,40 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--entries", type=int, default=1_000_000)
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generate the TOC JSON directly instead of writing the layer with convert_layer",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        toc, sample = make_toc(args.entries)
-        toc_path = os.path.join(tmp, "toc.json")
-        with open(toc_path, "wb") as f:
-            f.write(toc)
         sample_path = os.path.join(tmp, "sample.json")
+        if args.synthetic:
+            t0 = time.perf_counter()
+            toc, sample = make_toc(args.entries)
+            toc_path = os.path.join(tmp, "toc.json")
+            with open(toc_path, "wb") as f:
+                f.write(toc)
+            print(
+                f"TOC: {args.entries:,} entries, {len(toc) / 1e6:.0f} MB JSON "
+                f"(generated in {time.perf_counter() - t0:.1f} s)"
+            )
+            del toc
+            write_blob(toc_path)
+        else:
+            toc_path, sample, annotations = build_with_writer(args.entries, tmp)
+            with open(toc_path + ".annotations.json", "w") as f:
+                json.dump(annotations, f)
         with open(sample_path, "w") as f:
             json.dump(sample[:2000], f)
-        print(
-            f"TOC: {args.entries:,} entries, {len(toc) / 1e6:.0f} MB JSON "
-            f"(generated in {time.perf_counter() - t0:.1f} s)"
-        )
-        del toc
         print(
             f"{'mode':<8} {'load s':>7} {'RSS +MB':>8} {'B/entry':>8} {'peak +MB':>9} "
             f"{'µs/name':>8} {'index MB':>9}"
         )
-        write_blob(toc_path)
         for mode in ("memory", "file", "reopen", "blob"):
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, toc_path, tmp, sample_path],
