@@ -118,10 +118,30 @@ class OpenedImage:
         """The merged filesystem. Plain gzip/zstd/tar layers (no TOC) are fetched whole,
         verified and kept as a local tar in ``cache_dir`` (a temporary directory without one),
         with a warning: they work, but not lazily."""
+        import trio
+
         from .view import ImageView
 
-        layers = [await self.layer_view(i, cache_dir) for i in range(len(self.layers))]
-        return ImageView(layers, cache=cache)
+        # Concurrently: each layer's TOC is a round trip (or a whole plain blob) away.
+        found: list[LayerView | None] = [None] * len(self.layers)
+
+        async def load(position: int) -> None:
+            found[position] = await self.layer_view(position, cache_dir)
+
+        from ._groups import first_error
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for position in range(len(self.layers)):
+                    nursery.start_soon(load, position)
+        except BaseException as e:
+            for lv in found:
+                if lv is not None:
+                    lv.index.close()
+            if isinstance(e, BaseExceptionGroup):
+                raise first_error(e) from None
+            raise
+        return ImageView([lv for lv in found if lv is not None], cache=cache)
 
     async def layer_view(
         self, position: int, cache_dir: str | os.PathLike[str] | None = None

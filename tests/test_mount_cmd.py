@@ -520,3 +520,27 @@ def test_statfs_of_a_mount(fixture_image: str, mnt: Path, tmp_path: Path) -> Non
     layers = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["layers"]
     assert vfs.f_blocks * vfs.f_frsize >= sum(layer["size"] for layer in layers) > 0
     assert vfs.f_namemax >= 255
+
+
+def test_mount_one_layer(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
+    """--layer mounts that layer alone: the lower fixture layer is exactly its own tree, and
+    the upper layer shows its own files, none of the lower one's."""
+    cache = str(tmp_path / "cache")
+    basic = json.loads((FIXTURES / "basic.json").read_text())
+    prefix = basic["blob_digest"].removeprefix("sha256:")[:12]
+    result = stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache, "--layer", prefix)
+    assert result.returncode == 0, result.stderr
+    check_tree(mnt, basic, dir_nlink=True)
+    assert stargzfs("umount", str(mnt)).returncode == 0
+
+    upper = json.loads((FIXTURES / "whiteout-upper.json").read_text())["blob_digest"]
+    result = stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache, "--layer", upper)
+    assert result.returncode == 0, result.stderr
+    assert (mnt / "etc/newfile").is_file()
+    assert not (mnt / "etc/passwd").exists()
+    assert stargzfs("umount", str(mnt)).returncode == 0
+
+    result = stargzfs("mount", fixture_image, str(mnt), "--cache-dir", cache, "--layer", "beef")
+    assert result.returncode == 4, result.stderr
+    assert basic["blob_digest"] in result.stderr and "Traceback" not in result.stderr
+    assert not is_mounted(mnt)

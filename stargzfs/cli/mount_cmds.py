@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("ref", help="image reference, or oci:DIR[:TAG]")
     p.add_argument("mountpoint")
     p.add_argument("--platform", help="os/arch[/variant] (default: this host)")
+    p.add_argument(
+        "--layer",
+        metavar="DIGEST",
+        help="mount this layer alone instead of the merged image (a digest prefix will do)",
+    )
     p.add_argument("--cache-dir", help="chunk and index cache (default: $XDG_CACHE_HOME/stargzfs)")
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument(
@@ -191,7 +196,13 @@ async def _serve(args: argparse.Namespace) -> int:
             insecure=args.insecure,
         ) as opened:
             cache = ChunkCache(cache_dir, max_disk_bytes=args.cache_size)
-            view = await opened.view(cache_dir=cache_dir, cache=cache)
+            if args.layer:
+                from ..view import ImageView
+
+                position = opened.find_layer(args.layer)
+                view = ImageView([await opened.layer_view(position, cache_dir)], cache=cache)
+            else:
+                view = await opened.view(cache_dir=cache_dir, cache=cache)
             await serve(
                 view,
                 args.mountpoint,
