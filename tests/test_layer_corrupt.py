@@ -33,8 +33,8 @@ from stargzfs.errors import (
     UnsafePathError,
 )
 from stargzfs.formats.decompress import inflate_gzip_members
-from stargzfs.formats.footer import estargz_footer, parse_footer
-from stargzfs.formats.layer import read_toc
+from stargzfs.formats.footer import LayerFormat, estargz_footer, parse_footer
+from stargzfs.formats.layer import detect_format, read_toc
 from stargzfs.index import LayerIndex
 from stargzfs.reader import read_file_range
 from stargzfs.source import BytesSource
@@ -170,6 +170,34 @@ async def test_truncated_blob() -> None:
         await read_toc(BytesSource(cut))
     with pytest.raises(NotLazyError, match="plain gzip"):
         await read_toc(BytesSource(whole[:-10]))  # footer gone: just a gzip stream
+
+
+def plain_layers() -> dict[str, bytes]:
+    import zstandard
+
+    tar = (FIXTURES / "noprio.tar").read_bytes()
+    return {
+        "tar": tar,
+        "gzip": gzip.compress(tar, mtime=0),
+        "zstd": zstandard.ZstdCompressor().compress(tar),
+    }
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip", "zstd"])
+async def test_plain_layers_are_detected_and_not_lazily_readable(kind: str) -> None:
+    blob = plain_layers()[kind]
+    fmt, footer = await detect_format(BytesSource(blob))
+    assert fmt is LayerFormat(kind) and footer is None and not fmt.lazy
+    with pytest.raises(NotLazyError, match=f"plain {kind} layer"):
+        await read_toc(BytesSource(blob))
+    with pytest.raises(NotLazyError):
+        await index_of_bytes(blob)
+
+
+async def test_empty_and_tiny_blobs_are_plain_tar() -> None:
+    for blob in (b"", b"x", bytes(40)):
+        fmt, footer = await detect_format(BytesSource(blob))
+        assert fmt is LayerFormat.TAR and footer is None
 
 
 async def test_corrupt_toc_member() -> None:

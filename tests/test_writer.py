@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -1150,6 +1151,43 @@ def test_cli_zstd_chunked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     printed = json.loads(capsys.readouterr().out)
     assert printed["media_type"].endswith("+zstd")
     check_zstd_blob(fixture_tar("noprio"), out.read_bytes(), convert_result(printed))
+
+
+def test_cli_convert_layer_from_a_pipe(tmp_path: Path) -> None:
+    """IN may be "-": a pipe, read once front to back."""
+    out = tmp_path / "piped.esgz"
+    tar = fixture_tar("chunked")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stargzfs", "convert-layer", "-", str(out), "--chunk-size", "64K"],
+        input=gzip.compress(tar, mtime=0),  # compressed input through the pipe, too
+        capture_output=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    printed = json.loads(proc.stdout)
+    blob = out.read_bytes()
+    assert printed["blob_digest"] == "sha256:" + hashlib.sha256(blob).hexdigest()
+    lib, result = convert(tar, chunk_size=65536)
+    assert blob == lib and printed["annotations"] == result.annotations
+
+
+def test_cli_convert_layer_tar_zst_with_min_chunk_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tar = fixture_tar("basic")
+    src = tmp_path / "layer.tar.zst"
+    src.write_bytes(zstandard.ZstdCompressor(level=3).compress(tar))
+    out = tmp_path / "packed.esgz"
+    argv = ["convert-layer", str(src), str(out), "--min-chunk-size", "16K", "--chunk-size", "64K"]
+    assert cli_main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    blob = out.read_bytes()
+    lib, result = convert(tar, chunk_size=65536, min_chunk_size=16384)
+    assert blob == lib and printed["toc_digest"] == result.toc_digest
+    b = check_blob(tar, blob, result)
+    assert any(e.get("innerOffset") for e in b.entries)  # small files share members
+    plain, _ = convert(tar, chunk_size=65536)
+    assert len(blob) < len(plain)
 
 
 def convert_result(d: dict[str, Any]) -> ConvertResult:
