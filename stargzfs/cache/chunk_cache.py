@@ -65,6 +65,7 @@ class ChunkCache:
     ):
         self.directory = os.path.join(os.fspath(directory), "chunks") if directory else None
         self.max_disk_bytes = max_disk_bytes
+        self.memory_bytes = memory_bytes
         self._memory: LRUCache[bytes, bytes] = LRUCache(maxsize=memory_bytes, getsizeof=len)
         self._lock = threading.Lock()  # cachetools caches are not thread-safe
         self._disk_lock = threading.Lock()

@@ -149,19 +149,39 @@ class MergedTree:
                     node = Node(self._ino(pos, entry), pos, entry)
                 out.append(node)
             return out
-        # Several layers: merge their sorted name streams, then apply the rules per name.
-        names = heapq.merge(
-            *((e.name for e in self.layers[pos].children(row)) for pos, row in parent.sources)
-        )
+        # Several layers: list each once, merge the sorted name streams, and apply the rules
+        # of lookup() per name on those listings (not a query per name and layer: a merged
+        # /usr/lib has thousands of names, and nlink() lists it on the first stat).
+        listings = [
+            (pos, {e.name: e for e in self.layers[pos].children(row)})
+            for pos, row in parent.sources
+        ]
         out = []
         last = None
-        for name in names:
+        for name in heapq.merge(*(iter(kids) for _pos, kids in listings)):
             if name == last or name.startswith(WHITEOUT_PREFIX):
                 continue
             last = name
-            found = self.lookup(parent, name)
-            if found is not None:
-                out.append(found)
+            found: Node | None = None
+            stack: list[tuple[int, int]] = []
+            for pos, kids in listings:
+                here = kids.get(name)
+                if here is not None:
+                    if found is None:
+                        found = Node(self._ino(pos, here), pos, here)
+                    if not here.is_dir or not found.is_dir:
+                        break
+                    stack.append((pos, here.id))
+                    if self.layers[pos].lookup(here.id, OPAQUE_MARKER) is not None:
+                        break
+                if WHITEOUT_PREFIX + name in kids:
+                    break
+            if found is None:
+                continue
+            if found.is_dir:
+                found = Node(found.ino, found.layer, found.entry, tuple(stack))
+                self._dirs[found.ino] = found
+            out.append(found)
         return out
 
     def nlink(self, node: Node) -> int:
