@@ -102,6 +102,7 @@ class OpenedImage:
         source = self.layer_source(desc)
         fmt, _footer = await detect_format(source)
         entries = None
+        verified = desc.toc_digest is not None
         if fmt.lazy:
             from .index import load_index
 
@@ -109,8 +110,10 @@ class OpenedImage:
                 source, desc.annotations, blob_digest=desc.digest, what=_layer_name(position, desc)
             )
             entries = index.entry_count
+            # A TOC digest annotation, or (podman's zstd:chunked) a matching manifest checksum.
+            verified = index.verified
             index.close()
-        return LayerInfo(desc, fmt.value, fmt.lazy, desc.toc_digest is not None, entries)
+        return LayerInfo(desc, fmt.value, fmt.lazy, verified, entries)
 
     async def view(
         self, cache_dir: str | os.PathLike[str] | None = None, *, cache: ChunkCache | None = None
@@ -162,7 +165,7 @@ class OpenedImage:
                 blob_digest=desc.digest,
                 what=name,
             )
-            if desc.toc_digest is None and not self.allow_unverified:
+            if not index.verified and not self.allow_unverified:
                 index.close()
                 raise IntegrityError(
                     f"{self.ref}: {name} has no TOC digest annotation, so its chunks "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from harness import Registry
 from harness.mount import is_mounted, unmount
 from harness.oci import estargz_layer, make_tar, write_oci_layout
@@ -544,3 +547,30 @@ def test_mount_one_layer(fixture_image: str, mnt: Path, tmp_path: Path) -> None:
     assert result.returncode == 4, result.stderr
     assert basic["blob_digest"] in result.stderr and "Traceback" not in result.stderr
     assert not is_mounted(mnt)
+
+
+def test_podman_zstd_chunked_layer_with_holes_through_a_mount(
+    registry: Registry, mnt: Path, tmp_path: Path
+) -> None:
+    """containers/storage's dialect: the manifest checksum vouches for the layer (no
+    --allow-unverified needed, `layers` says verified), and holes with no bytes in the blob
+    read as zeros through the mount."""
+    from harness.oci import LayerBlob
+    from layer_helpers import storage_zstd_blob
+    from test_zstd_storage import FILES
+
+    blob = storage_zstd_blob(FILES)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        io.BytesIO(blob.data), read_across_frames=True
+    )
+    diff_id = "sha256:" + hashlib.sha256(reader.read()).hexdigest()
+    layer = LayerBlob(
+        blob.data, diff_id, "application/vnd.oci.image.layer.v1.tar+zstd", blob.annotations
+    )
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "podman/zst:v1")
+    rows = json.loads(stargzfs("layers", ref, "--json").stdout)["layers"]
+    assert rows[0]["format"] == "zstd:chunked" and rows[0]["verified"] is True
+    result = stargzfs("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 0, result.stderr
+    for name, content in blob.contents.items():
+        assert (mnt / name).read_bytes() == content, name
