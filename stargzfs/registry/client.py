@@ -77,7 +77,15 @@ from .ranges import (
     range_header,
     slice_from_parts,
 )
-from .retry import Failure, RetryBudget, RetryPolicy, Transient, is_transient, parse_retry_after
+from .retry import (
+    Failure,
+    RetryBudget,
+    RetryPolicy,
+    Transient,
+    describe_transport_error,
+    is_transient,
+    parse_retry_after,
+)
 from .spill import SpillFactory, TempSpill
 
 __all__ = [
@@ -377,7 +385,10 @@ class RegistryClient:
         self.stats.requests += 1
         if stats is not None:
             stats.requests += 1
-        log.debug("%s %s → %d", method, _redact(request.url), response.status_code)
+        log.debug(
+            "%s %s → %d (%s)",
+            method, _redact(request.url), response.status_code, response.http_version,
+        )
         return response
 
     async def _send_unauthenticated(self, request: httpx.Request) -> httpx.Response:
@@ -408,7 +419,7 @@ class RegistryClient:
                 failure = t.failure
             except httpx.TransportError as e:
                 if not is_transient(e):
-                    raise RegistryError(f"{what}: {type(e).__name__}: {e}") from None
+                    raise RegistryError(f"{what}: {describe_transport_error(e)}") from None
                 failure = Failure(f"{type(e).__name__}: {e or 'connection failed'}")
             log.debug("%s: %s; retrying", what, failure.detail)
             await budget.wait(failure)

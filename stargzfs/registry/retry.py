@@ -2,15 +2,16 @@
 
 Only transient failures are retried: connection errors, timeouts, connections dropped
 mid-body, ``429`` (after ``Retry-After`` when given) and ``5xx``. Every other ``4xx`` is the
-caller's or the registry's final word. Sleeps go through ``trio.sleep`` and time through
-``trio.current_time()``, so tests under ``trio.testing.MockClock(autojump_threshold=0)`` run
-instantly.
+caller's or the registry's final word, and so is a TLS certificate that does not verify. Sleeps
+go through ``trio.sleep`` and time through ``trio.current_time()``, so tests under
+``trio.testing.MockClock(autojump_threshold=0)`` run instantly.
 """
 
 from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "RetryBudget",
     "RetryPolicy",
     "Transient",
+    "describe_transport_error",
     "is_transient",
     "parse_retry_after",
 ]
@@ -60,8 +62,38 @@ class Transient(Exception):
         self.failure = failure
 
 
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl`` error behind a transport error (under trio it hides two causes deep)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def describe_transport_error(exc: httpx.TransportError) -> str:
+    """One line for a failed exchange; names the TLS reason, which trio's message lacks."""
+    cause = _ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        try:
+            host = f" of {exc.request.url.netloc.decode('ascii')}"
+        except RuntimeError:  # no request attached
+            host = ""
+        return (
+            f"TLS certificate{host} not trusted: {cause.verify_message or cause.reason} "
+            "(for a private CA, set SSL_CERT_FILE or SSL_CERT_DIR)"
+        )
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def is_transient(exc: httpx.TransportError) -> bool:
-    """Network trouble worth another try (not our own protocol misuse)."""
+    """Network trouble worth another try (not our own protocol misuse, not an untrusted
+    certificate: that one does not get better by asking again)."""
+    if isinstance(_ssl_cause(exc), ssl.SSLCertVerificationError):
+        return False
     return isinstance(
         exc,
         httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError,
