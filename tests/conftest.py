@@ -7,8 +7,11 @@ Registries (real ``docker-registry`` processes, see ``harness/registry.py``):
   pushed, and use ``registry_factory`` for anything destructive (outages, deletes, policies).
   If a test leaves one stopped or changes its token policy, it is restarted / reset before
   the next test.
-* ``registry_factory(auth="none"|"basic"|"token", delete_enabled=True, token_expires_in=60)``:
-  function-scoped; every registry it starts is closed after the test.
+* ``registry_tls``: session-scoped open registry over HTTPS (HTTP/2 offered), its certificate
+  issued by a test CA (``.tls.ca_path``); ``.url`` is ``https://...``. stargzfs needs an
+  explicit ``https://`` location (``--mirror``, registries.conf) to use TLS on loopback.
+* ``registry_factory(auth="none"|"basic"|"token", delete_enabled=True, token_expires_in=60,
+  tls=False)``: function-scoped; every registry it starts is closed after the test.
 * ``fixtures_dir``: ``../shared/fixtures`` (or ``$STARGZFS_FIXTURES``); ``fixture_image``: the
   ``oci-image`` fixture pushed to ``registry`` as ``fixtures/two-layer:v1`` (its reference).
 
@@ -47,7 +50,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 _REGISTRY_FIXTURES = frozenset(
-    {"registry", "registry_basic", "registry_token", "registry_factory", "fixture_image"}
+    {
+        "registry",
+        "registry_basic",
+        "registry_token",
+        "registry_tls",
+        "registry_factory",
+        "fixture_image",
+    }
 )
 _FUSE_FIXTURES = frozenset({"mounter", "fuse_available"})
 _session_registries: list[Registry] = []
@@ -131,9 +141,9 @@ def _require_registry_tools() -> None:
 
 
 @contextlib.contextmanager
-def _session_registry(auth: AuthKind) -> Iterator[Registry]:
+def _session_registry(auth: AuthKind, tls: bool = False) -> Iterator[Registry]:
     _require_registry_tools()
-    reg = start_registry(auth)
+    reg = start_registry(auth, tls=tls)
     _session_registries.append(reg)
     try:
         yield reg
@@ -163,6 +173,13 @@ def registry_token() -> Iterator[Registry]:
         yield reg
 
 
+@pytest.fixture(scope="session")
+def registry_tls() -> Iterator[Registry]:
+    """An open registry serving HTTPS; trust ``.tls.ca_path`` (e.g. ``SSL_CERT_FILE``)."""
+    with _session_registry("none", tls=True) as reg:
+        yield reg
+
+
 @pytest.fixture
 def registry_factory() -> Iterator[RegistryFactory]:
     """Start registries with custom settings; each is stopped and deleted after the test."""
@@ -170,10 +187,13 @@ def registry_factory() -> Iterator[RegistryFactory]:
     started: list[Registry] = []
 
     def factory(
-        auth: AuthKind = "none", delete_enabled: bool = True, token_expires_in: int = 60
+        auth: AuthKind = "none",
+        delete_enabled: bool = True,
+        token_expires_in: int = 60,
+        tls: bool = False,
     ) -> Registry:
         reg = start_registry(
-            auth, delete_enabled=delete_enabled, token_expires_in=token_expires_in
+            auth, delete_enabled=delete_enabled, token_expires_in=token_expires_in, tls=tls
         )
         started.append(reg)
         return reg
