@@ -4,8 +4,10 @@ Layers are applied bottom to top with the OCI whiteout rules (``.wh.NAME`` delet
 lower layers, ``.wh..wh..opq`` hides every lower child of its directory, a non-directory
 replaces whatever was below). eStargz's ``stargz.index.json`` and landmark files are dropped.
 
-Safety (a hostile layer must not escape the root): every name is cleaned and rejected when
-absolute, with ``..`` or with NUL (:func:`~stargzfs.formats.toc.clean_name`); every path is
+Safety (a hostile layer must not escape the root): every name is cleaned as upstream cleans
+it (:func:`~stargzfs.formats.toc.clean_name`): a leading ``/`` is removed with a warning (as
+GNU tar and containerd do: the name is taken relative to the root), and a ``..`` that would
+leave the root, or a NUL, is refused; every path is
 walked from a directory fd of the root one component at a time with ``O_NOFOLLOW``; a
 symlink in a parent position (Debian's merged ``/usr``: ``lib -> usr/lib``) is resolved by
 hand as if the root were ``/`` (like containerd), and refused when it leads above the root,
@@ -678,6 +680,10 @@ class LayerApplier:
             name = clean_name(raw_name)
         except UnsafePathError as e:
             raise UnsafePathError(f"{self._what}: {e}") from None
+        if raw_name.startswith("/") and name:
+            log.warning(
+                "%s: entry %r: leading '/' removed (extracted as %r)", self._what, raw_name, name
+            )
         if name == "":  # the layer root itself ("./"): its metadata applies to the root
             if m.isdir():
                 self.stats.dir_meta[""] = _DirMeta(
