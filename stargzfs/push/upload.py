@@ -38,7 +38,7 @@ from ..reference import Reference, Repository
 from ..registry import RegistryClient
 from ..registry.auth import AuthTarget
 from ..registry.endpoints import Endpoint
-from ..registry.retry import Failure, Transient, is_transient
+from ..registry.retry import Failure, Transient, describe_transport_error, is_transient
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -443,7 +443,7 @@ class Uploader:
                 failure = t.failure
             except httpx.TransportError as e:
                 if not is_transient(e):
-                    raise RegistryError(f"{what}: {type(e).__name__}: {e}") from None
+                    raise RegistryError(f"{what}: {describe_transport_error(e)}") from None
                 failure = Failure(f"{type(e).__name__}: {e or 'connection dropped'}")
             else:
                 break

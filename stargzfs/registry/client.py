@@ -879,7 +879,7 @@ class RegistryClient:
                 failure = t.failure
             except httpx.TransportError as e:
                 if not is_transient(e):
-                    raise RegistryError(f"{what}: {type(e).__name__}: {e}") from None
+                    raise RegistryError(f"{what}: {describe_transport_error(e)}") from None
                 if end is not None and pos >= end:
                     return  # every byte arrived; only the connection's goodbye was lost
                 failure = Failure(f"{type(e).__name__}: {e or 'connection dropped'}")
