@@ -103,6 +103,7 @@ def parse_digest(value: object, what: str) -> bytes:
 
 
 _WINDOW = 4 << 20  # bytes of JSON decoded to text at a time
+_BATCH = 1 << 16  # characters of TOC entries decoded by one call of the JSON decoder
 
 
 class _Scanner:
@@ -114,6 +115,7 @@ class _Scanner:
         self.base = 0  # characters dropped before ``text``, for error positions
         self.text = ""
         self.final = False
+        self._single_until = 0  # before this position, elements are decoded one at a time
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
         if isinstance(data, str):
             self.text, self.final = data, True
@@ -179,6 +181,37 @@ class _Scanner:
                     ) from None
             self._fill()
 
+    def batch(self) -> list[Any]:
+        """The array elements from here to the last ``},`` within ``_BATCH`` characters,
+        decoded in one call of the C decoder (``[]`` when that is not possible).
+
+        Tokenizing JSON is deterministic from a known element boundary, so the elements
+        between here and a ``},`` parse as ``[`` + them + ``]`` exactly when that ``}`` closes
+        an element of this array; a ``},`` inside a string or a nested object makes the parse
+        fail instead. Then one earlier cut (before where the parse failed) is tried, and when
+        that fails too the elements up to the first cut are left to :meth:`value`, one at a
+        time, whose errors give the position of anything malformed.
+        """
+        text, pos = self.text, self.pos
+        if self.base + pos < self._single_until:
+            return []
+        cut = text.rfind("},", pos, pos + _BATCH)
+        first_cut = cut
+        for _attempt in range(2):
+            if cut < 0:
+                break
+            try:
+                values: list[Any] = _DECODER.decode("[" + text[pos : cut + 1] + "]")
+            except json.JSONDecodeError as e:
+                # e.pos counts the "[": the failure is at text[pos + e.pos - 1].
+                cut = text.rfind("},", pos, min(cut, pos + e.pos - 1))
+                continue
+            self.pos = cut + 1
+            return values
+        if first_cut >= 0:
+            self._single_until = self.base + first_cut + 1
+        return []
+
     def at_end(self) -> bool:
         return self.peek() == ""
 
@@ -214,10 +247,10 @@ def iter_toc_entries(data: bytes | str | Iterable[bytes]) -> Iterator[dict[str, 
         while scan.peek() != "]":
             if index:
                 scan.expect(",")
-            entry = scan.value()
-            _check_entry(entry, index)
-            yield entry
-            index += 1
+            for entry in scan.batch() or [scan.value()]:
+                _check_entry(entry, index)
+                yield entry
+                index += 1
         scan.pos += 1
     scan.pos += 1
     if not scan.at_end():
