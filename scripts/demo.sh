@@ -6,7 +6,9 @@
 #   3. read the manifest back over HTTP and check its digest
 #   4. look inside without pulling: stargzfs layers / ls / cat
 #   5. mount the image lazily with stargzfs, list it, copy a file out, show what was fetched
-#   6. unmount, stop the registry and delete its data (always, on any exit)
+#   6. a real image from this machine's files (dash, ls, their libraries): push it, convert it
+#      to eStargz with dash prioritized, mount it and run dash inside it (chroot, as root)
+#   7. unmount, stop the registry and delete its data (always, on any exit)
 #
 # Needs docker-registry, skopeo, curl, python3: `make demo` installs them first.
 # Override the fixture location with STARGZFS_FIXTURES=/path/to/fixtures.
@@ -126,6 +128,41 @@ echo "   mounted; find $workdir/mnt | head:"
 cp "$workdir/mnt/usr/lib/libdemo.so.1" "$workdir/out/"
 echo "   copied usr/lib/libdemo.so.1 out: $(sha256sum "$workdir/out/libdemo.so.1" | cut -c1-16)..."
 say "   stargzfs stats $workdir/mnt"
+"$stargzfs" stats "$workdir/mnt"
+"$stargzfs" umount "$workdir/mnt"
+echo "   unmounted"
+
+# -- 6. a real image from this machine's files: push, convert to eStargz, run a program lazily ----
+rootfs=$workdir/rootfs
+say "6. building a rootfs from this machine's files: dash, ls and their shared libraries"
+mkdir -p "$rootfs/usr/bin" "$rootfs/etc"
+for prog in /bin/dash /bin/ls; do
+  cp -L "$prog" "$rootfs/usr/bin/"
+  for lib in $(ldd "$prog" | grep -o '/[^ ]*'); do
+    mkdir -p "$rootfs$(dirname "$lib")"
+    cp -L "$lib" "$rootfs$lib"
+  done
+done
+cp /etc/os-release "$rootfs/etc/"
+ln -s usr/bin "$rootfs/bin"
+echo "   $(find "$rootfs" | wc -l) entries, $(du -sh "$rootfs" | cut -f1)"
+plain=$host/demo/machine:plain
+esgz=$host/demo/machine:esgz
+say "   stargzfs push dir-rootfs:$rootfs $plain"
+"$stargzfs" push -q "dir-rootfs:$rootfs" "$plain"
+printf 'usr/bin/dash\n' >"$workdir/prioritize.txt"
+say "   stargzfs convert $plain $esgz --prioritize (usr/bin/dash first)"
+echo "   digest $("$stargzfs" convert -q "$plain" "$esgz" --prioritize "$workdir/prioritize.txt")"
+"$stargzfs" layers "$esgz"
+say "   mount $esgz and run a program inside it (chroot, as root)"
+"$stargzfs" mount "$esgz" "$workdir/mnt" --cache-dir "$workdir/cache"
+if [ "$(id -u)" -eq 0 ]; then
+  chroot "$workdir/mnt" /bin/dash -c \
+    'echo "   hello from $(. /etc/os-release; echo "$PRETTY_NAME") in a lazily mounted image"; ls -l /usr/bin' \
+    | sed 's/^-/   -/'
+else
+  echo "   (not root: skipping chroot)"; ls -l "$workdir/mnt/usr/bin"
+fi
 "$stargzfs" stats "$workdir/mnt"
 "$stargzfs" umount "$workdir/mnt"
 echo "   unmounted"

@@ -116,6 +116,11 @@ class TailCachedSource:
             check_range(self.inner.size, offset, length)
             start = offset - self._tail_start
             return self._tail[start : start + length]
+        if offset + length > self._tail_start:
+            # Straddles the kept tail: fetch only what lies before it.
+            check_range(self.inner.size, offset, length)
+            head = await self.inner.read_at(offset, self._tail_start - offset)
+            return head + self._tail[: offset + length - self._tail_start]
         data = await self.inner.read_at(offset, length)
         if offset + length == self.inner.size and length <= self.max_tail:
             self._tail_start, self._tail = offset, data

@@ -31,3 +31,14 @@ async def test_small_layer_costs_one_read_in_all() -> None:
             async for _ in iter_file(source, index, entry):
                 pass
     assert len(counting.reads) == 1  # the TOC's tail read covered the whole blob
+
+
+async def test_a_read_straddling_the_kept_tail_fetches_only_what_lies_before_it() -> None:
+    data = bytes(range(256)) * 40
+    counting = CountingSource(BytesSource(data))
+    source = TailCachedSource(counting)
+    await source.read_at(len(data) - 1000, 1000)  # the footer/TOC tail read
+    assert await source.read_at(len(data) - 1500, 800) == data[-1500:-700]
+    assert counting.reads[-1] == (len(data) - 1500, 500)
+    assert await source.read_at(len(data) - 900, 900) == data[-900:]
+    assert len(counting.reads) == 2
