@@ -23,6 +23,7 @@ __all__ = [
     "LANDMARK_PREFETCH",
     "TOC_TAR_NAME",
     "clean_name",
+    "iter_toc_batches",
     "iter_toc_entries",
     "parse_digest",
     "parse_modtime",
@@ -223,6 +224,14 @@ def iter_toc_entries(data: bytes | str | Iterable[bytes]) -> Iterator[dict[str, 
     objects) and each entry's ``name`` and ``type``; field-level validation is the index
     builder's. Raises :class:`FormatError` for anything else.
     """
+    for batch in iter_toc_batches(data):
+        yield from batch
+
+
+def iter_toc_batches(data: bytes | str | Iterable[bytes]) -> Iterator[list[dict[str, Any]]]:
+    """:func:`iter_toc_entries`, a list of consecutive entries at a time (a few hundred:
+    what one call of the JSON decoder gave). An error is raised after the entries before the
+    one it is about have been yielded, as :func:`iter_toc_entries` does."""
     scan = _Scanner(data)
     scan.expect("{")
     seen_entries = False
@@ -247,10 +256,19 @@ def iter_toc_entries(data: bytes | str | Iterable[bytes]) -> Iterator[dict[str, 
         while scan.peek() != "]":
             if index:
                 scan.expect(",")
-            for entry in scan.batch() or [scan.value()]:
-                _check_entry(entry, index)
-                yield entry
-                index += 1
+            batch = scan.batch() or [scan.value()]
+            for i, entry in enumerate(batch):
+                kind = entry.get("type") if type(entry) is dict else None
+                if (
+                    type(kind) is not str
+                    or kind not in ENTRY_TYPES
+                    or type(entry.get("name")) is not str
+                ):
+                    if i:
+                        yield batch[:i]
+                    _check_entry(entry, index + i)
+            index += len(batch)
+            yield batch
         scan.pos += 1
     scan.pos += 1
     if not scan.at_end():
@@ -268,5 +286,5 @@ def _check_entry(entry: object, index: int) -> None:
     if not isinstance(name, str):
         raise FormatError(f"TOC entry #{index} has no name")
     kind = entry.get("type")
-    if kind not in ENTRY_TYPES:
+    if not isinstance(kind, str) or kind not in ENTRY_TYPES:
         raise FormatError(f"TOC entry {name!r} has unknown type {kind!r}")

@@ -22,6 +22,7 @@ import array
 import base64
 import binascii
 import bisect
+import itertools
 import json
 import os
 import sqlite3
@@ -35,7 +36,7 @@ from ..formats.toc import (
     LANDMARK_NO_PREFETCH,
     LANDMARK_PREFETCH,
     clean_name,
-    iter_toc_entries,
+    iter_toc_batches,
     parse_digest,
     parse_modtime,
 )
@@ -58,6 +59,7 @@ _C_NO_DATA = 0x2
 _KIND_MASK = 0x0F
 
 _MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
+_MAX_INT = 1 << 62
 _MAX_ID = (1 << 32) - 1
 _MAX_DEV = (1 << 20) - 1  # Linux: 12-bit major, 20-bit minor
 
@@ -82,6 +84,12 @@ CREATE TABLE names (ref INTEGER PRIMARY KEY, uname TEXT, gname TEXT);
 """
 _COLUMNS = "id, parent, name, kind, mode, uid, gid, size, mtime, link, dev, xattrs, digest, "
 _COLUMNS += "offset, inner, nlink, ino, owner"
+# See _Builder._rows: "" and -1 stand for NULL.
+_INSERT_ENTRY = (
+    "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, dev, "
+    "xattrs, digest, offset, inner, owner) "
+    "VALUES (?,?,?,?,?,?,?,?,nullif(?,''),?,?,nullif(?,-1),nullif(?,-1),nullif(?,-1),?,?)"
+)
 _CHUNK_COLUMNS = "foff, size, offset, inner, digest, coalesce(flags, 0)"
 
 
@@ -459,11 +467,7 @@ class _Builder:
         self.implicit_rows: list[tuple[Any, ...]] = []
 
     def run(self, text: bytes | str | Iterable[bytes]) -> None:
-        self.db.executemany(
-            "INSERT INTO entries (id, parent, name, kind, mode, uid, gid, size, mtime, link, "
-            "dev, xattrs, digest, offset, inner, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            self._rows(iter_toc_entries(text)),
-        )
+        self.db.executemany(_INSERT_ENTRY, self._rows(iter_toc_batches(text)))
         self._finish_file()
         self.db.executemany(
             "INSERT INTO entries (id, parent, name, kind, mode) VALUES (?,?,?,?,?)",
@@ -474,7 +478,9 @@ class _Builder:
             "WHERE id=?",
             self.dir_updates,
         )
-        self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?)", self.chunk_rows)
+        self.db.executemany(
+            "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,nullif(?,-1),?)", self.chunk_rows
+        )
         # Indexing after the bulk insert (one sort) is much faster than maintaining it.
         self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
         self._dedupe()
@@ -496,180 +502,241 @@ class _Builder:
         )
 
     # Entries are validated and turned into rows here, one at a time (a generator feeding
-    # executemany, so no list of a million rows is ever held).
-    def _rows(self, entries: Iterable[dict[str, Any]]) -> Iterator[tuple[Any, ...]]:
-        for e in entries:
-            raw_name = e["name"]
+    # executemany, so no list of a million rows is ever held). This loop is most of the
+    # build's Python time, so the common case of each field is checked inline (an exact
+    # ``int`` in range, a canonical digest) and anything else goes to the general helper,
+    # which accepts the same values and raises the error.
+    #
+    # Rows hold no None for columns a reader treats as 0 or "" (link, dev, inner, owner):
+    # they store 0 or "" instead, in the same (zero) record bytes. The nullable columns get
+    # a sentinel that the INSERT turns into NULL (_INSERT_ENTRY): Python's sqlite3 binds an
+    # int, str or bytearray directly but sends None and bytes through its adapter lookup,
+    # several times slower. Digests are bytearrays for the same reason.
+    def _rows(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[tuple[Any, ...]]:
+        dirs_get = self.dirs.get
+        add_offset = self.offsets.add
+        toc_offset = self.toc_offset
+        verified = self.verified
+        owners = self.owners
+        cur_u: dict[int, str] = {}  # latest user name per uid
+        cur_g: dict[int, str] = {}  # latest group name per gid
+        name_refs = self.name_refs
+        last_uid = last_gid = -1
+        last_owner = 0  # the names ref of (last_uid, last_gid), 0 for none
+        mtimes: dict[str, int | str] = {}  # modtime text -> bound value ("" for none)
+        fromhex = bytearray.fromhex
+        for e in itertools.chain.from_iterable(batches):
+            get = e.get
+            raw = e["name"]
             kind = e["type"]
             if kind == "chunk":
-                self._add_chunk(e, raw_name)
+                self._add_chunk(e, raw)
                 continue
-            self._finish_file()
-            path = clean_name(raw_name)
+            if self.cur_file is not None:
+                self._finish_file()
+            if "//" in raw or "/." in raw or "\x00" in raw or raw.startswith(("/", ".")):
+                path = clean_name(raw)
+            else:
+                path = raw.rstrip("/")  # clean_name's common case: already clean
             if path in HIDDEN_NAMES:
                 if path in (LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH):
                     self.landmark = path
                     if path == LANDMARK_PREFETCH:
-                        self.prefetch_end = _int(e, "offset", raw_name, 0)
-                off = e.get("offset")
+                        self.prefetch_end = _int(e, "offset", raw, 0)
+                off = get("offset")
                 if isinstance(off, int) and off > 0:
                     self.offsets.add(off)
                 continue
-            row = self._row(e, raw_name, path, kind)
-            if row is not None:
-                yield row
 
-    def _owner(self, e: dict[str, Any], raw_name: str) -> tuple[int, int, int | None]:
-        """uid, gid and the ``names`` ref of the entry's (uname, gname), None for none."""
-        uid = _int(e, "uid", raw_name, 0, _MAX_ID)
-        gid = _int(e, "gid", raw_name, 0, _MAX_ID)
-        # Names are written only when they change for an id (upstream's nameIfChanged):
-        # an entry without one has the latest name seen for its uid (gname: its gid).
-        for key, value in ((("u", uid), e.get("userName")), (("g", gid), e.get("groupName"))):
-            if isinstance(value, str) and value:
-                self.cur_names[key] = value
-                self.owners.setdefault(key, value)
-        names = (self.cur_names.get(("u", uid), ""), self.cur_names.get(("g", gid), ""))
-        if names == ("", ""):
-            return uid, gid, None
-        ref = self.name_refs.get(names)
-        if ref is None:
-            ref = self.name_refs[names] = len(self.name_refs) + 1
-        return uid, gid, ref
+            mode = get("mode", 0)
+            if type(mode) is not int or not 0 <= mode <= _MAX_INT:
+                mode = _int(e, "mode", raw, 0)
+            mode &= 0o7777
+            uid = get("uid", 0)
+            if type(uid) is not int or not 0 <= uid <= _MAX_ID:
+                uid = _int(e, "uid", raw, 0, _MAX_ID)
+            gid = get("gid", 0)
+            if type(gid) is not int or not 0 <= gid <= _MAX_ID:
+                gid = _int(e, "gid", raw, 0, _MAX_ID)
+            # Names are written only when they change for an id (upstream's nameIfChanged):
+            # an entry without one has the latest name seen for its uid (gname: its gid).
+            uname = get("userName")
+            gname = get("groupName")
+            if uname or gname or uid != last_uid or gid != last_gid:
+                if isinstance(uname, str) and uname:
+                    cur_u[uid] = uname
+                    owners.setdefault(("u", uid), uname)
+                if isinstance(gname, str) and gname:
+                    cur_g[gid] = gname
+                    owners.setdefault(("g", gid), gname)
+                names = (cur_u.get(uid, ""), cur_g.get(gid, ""))
+                last_owner = 0
+                if names != ("", ""):
+                    last_owner = name_refs.get(names, 0)
+                    if not last_owner:
+                        last_owner = name_refs[names] = len(name_refs) + 1
+                last_uid, last_gid = uid, gid
+            owner = last_owner
 
-    def _parent(self, path: str) -> tuple[int, str]:
-        """The parent dir's id (creating implicit dirs) and the base name."""
-        head, _, base = path.rpartition("/")
-        pid = self.dirs.get(head)
-        if pid is None:
-            pid = self._implicit_dir(head)
-        return pid, base
+            modtime = get("modtime")
+            mtime: int | str = ""
+            if modtime is not None:
+                if type(modtime) is not str:
+                    raise FormatError(f"TOC entry {raw!r}: modtime is not a string")
+                cached = mtimes.get(modtime)
+                if cached is None:
+                    ns = parse_modtime(modtime)
+                    # Go's zero time: unspecified.
+                    cached = "" if ns == -62135596800 * 1_000_000_000 else ns
+                    if len(mtimes) >= 4096:
+                        mtimes.clear()
+                    mtimes[modtime] = cached
+                mtime = cached
+            xattrs = get("xattrs")
+            xattrs_json = _check_xattrs(xattrs, raw) if xattrs else None
+
+            if kind == "dir":
+                target = ROOT_ID if path == "" else dirs_get(path)
+                if target is not None:
+                    # The root, or a dir entry after its children (or repeated): update it,
+                    # keep the inode.
+                    if target == ROOT_ID:
+                        self.root_row = (ROOT_ID, ROOT_ID, "", DIR, mode)
+                    self.dir_updates.append(
+                        (DIR, mode, uid, gid, _null(mtime), xattrs_json, owner or None, target)
+                    )
+                    continue
+            elif path == "":
+                raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
+            head, _, base = path.rpartition("/")
+            pid = dirs_get(head)
+            if pid is None:
+                pid = self._implicit_dir(head)
+            nid = self.next_id
+            self.next_id = nid + 1
+            link = ""
+            dev = inner = size = 0
+            digest: bytearray | None = None
+            offset: int | None = None
+            code = _KIND_CODE[kind]
+            if kind == "reg":
+                size = get("size", 0)
+                if type(size) is not int or not 0 <= size <= _MAX_SIZE:
+                    size = _int(e, "size", raw, 0, _MAX_SIZE)
+                if size:
+                    ctype = get("chunkType")
+                    zeros = 0 if ctype is None or ctype == "" else _chunk_flags(e, raw)
+                    offset = get("offset")
+                    if type(offset) is not int or not 0 <= offset < toc_offset:
+                        offset = _int(e, "offset", raw, None, toc_offset - 1)
+                    if offset is None and not zeros:
+                        raise FormatError(f"TOC entry {raw!r}: non-empty file without offset")
+                    inner = get("innerOffset", 0)
+                    if type(inner) is not int or not 0 <= inner <= _MAX_SIZE:
+                        inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE)
+                    if offset is not None:
+                        add_offset(offset)
+                    end_offset = get("endOffset")
+                    if end_offset is not None:
+                        end_offset = _int(e, "endOffset", raw, None, toc_offset)
+                        # containers/storage: where this file's compressed bytes end.
+                        if offset is not None and end_offset < offset:
+                            raise FormatError(
+                                f"TOC entry {raw!r}: endOffset {end_offset} is before "
+                                f"offset {offset}"
+                            )
+                        add_offset(end_offset)
+                    cd = get("chunkDigest")
+                    fd = get("digest")
+                    cdig = fdig = None
+                    if cd:
+                        # _digest's common case, inline.
+                        if type(cd) is str and len(cd) == 71 and cd.startswith("sha256:"):
+                            try:
+                                cdig = fromhex(cd[7:])
+                            except ValueError:
+                                cdig = _digest(cd, raw)
+                        else:
+                            cdig = _digest(cd, raw)
+                    if fd:
+                        fdig = cdig if fd == cd else _digest(fd, raw)
+                    csize = get("chunkSize", 0)
+                    if type(csize) is not int or not 0 <= csize <= _MAX_SIZE:
+                        csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
+                    if (csize and csize < size) or zeros:
+                        digest = fdig  # of the whole file; each chunk has its own
+                        first = (nid, 0, csize, offset, inner, cdig, zeros)
+                        self.cur_file = (nid, raw, size, [first], end_offset)
+                        code |= _F_CHUNKED
+                    else:
+                        # One chunk: the whole file. Verified against chunkDigest, as upstream
+                        # does, or the file digest (containers/storage writes only that one).
+                        if cdig is not None and fdig is not None and cdig != fdig:
+                            raise FormatError(
+                                f"TOC entry {raw!r}: chunkDigest and digest of its one chunk differ"
+                            )
+                        digest = cdig or fdig
+                        if digest is None and verified:
+                            raise FormatError(_no_digest(raw, 0))
+                elif get("digest"):
+                    digest = _digest(e["digest"], raw)
+            elif kind == "dir":
+                self.dirs[path] = nid
+            elif kind == "symlink":
+                link = _str(e, "linkName", raw)
+                size = len(link) if link.isascii() else len(link.encode("utf-8", "surrogateescape"))
+            elif kind == "hardlink":
+                link = clean_name(_str(e, "linkName", raw))
+                self.hardlinks.append((nid, link, path))
+            elif kind in ("char", "block"):
+                major = _int(e, "devMajor", raw, 0, _MAX_DEV)
+                minor = _int(e, "devMinor", raw, 0, _MAX_DEV)
+                dev = (major << 32) | minor
+            yield (
+                nid,
+                pid,
+                base,
+                code,
+                mode,
+                uid,
+                gid,
+                size,
+                mtime,
+                link,
+                dev,
+                -1 if xattrs_json is None else xattrs_json,
+                -1 if digest is None else digest,
+                -1 if offset is None else offset,
+                inner,
+                owner,
+            )
 
     def _implicit_dir(self, path: str) -> int:
-        grand, base = self._parent(path)
-        did = self._new_id()
+        """A parent directory with no entry of its own (yet): a row, and its parents'."""
+        head, _, base = path.rpartition("/")
+        grand = self.dirs.get(head)
+        if grand is None:
+            grand = self._implicit_dir(head)
+        did = self.next_id
+        self.next_id = did + 1
         self.dirs[path] = did
         self.implicit_rows.append((did, grand, base, DIR | _F_IMPLICIT, 0o755))
         return did
 
-    def _new_id(self) -> int:
-        nid = self.next_id
-        self.next_id += 1
-        return nid
-
-    def _row(self, e: dict[str, Any], raw: str, path: str, kind: str) -> tuple[Any, ...] | None:
-        mode = _int(e, "mode", raw, 0) & 0o7777
-        uid, gid, owner = self._owner(e, raw)
-        modtime = e.get("modtime")
-        mtime = None
-        if modtime is not None:
-            if not isinstance(modtime, str):
-                raise FormatError(f"TOC entry {raw!r}: modtime is not a string")
-            mtime = parse_modtime(modtime)
-            if mtime == -62135596800 * 1_000_000_000:  # Go's zero time: unspecified
-                mtime = None
-        xattrs = e.get("xattrs")
-        xattrs_json = _check_xattrs(xattrs, raw) if xattrs else None
-        if kind == "dir":
-            if path == "":
-                self.root_row = (ROOT_ID, ROOT_ID, "", DIR, mode)
-                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, owner, ROOT_ID))
-                return None
-            existing = self.dirs.get(path)
-            if existing is not None:
-                # A dir entry after its children (or repeated): update, keep the inode.
-                self.dir_updates.append((DIR, mode, uid, gid, mtime, xattrs_json, owner, existing))
-                return None
-        elif path == "":
-            raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
-        pid, base = self._parent(path)
-        nid = self._new_id()
-        link = dev = digest = offset = inner = None
-        size = 0
-        code = _KIND_CODE[kind]
-        if kind == "dir":
-            self.dirs[path] = nid
-        elif kind == "reg":
-            size = _int(e, "size", raw, 0, _MAX_SIZE)
-            if size:
-                zeros = _chunk_flags(e, raw)
-                offset = _int(e, "offset", raw, None, self.toc_offset - 1)
-                if offset is None and not zeros:
-                    raise FormatError(f"TOC entry {raw!r}: non-empty file without offset")
-                inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
-                if offset is not None:
-                    self.offsets.add(offset)
-                end_offset = _int(e, "endOffset", raw, None, self.toc_offset)
-                if end_offset is not None:
-                    # containers/storage: where this file's compressed bytes end.
-                    if offset is not None and end_offset < offset:
-                        raise FormatError(
-                            f"TOC entry {raw!r}: endOffset {end_offset} is before offset {offset}"
-                        )
-                    self.offsets.add(end_offset)
-                cdig = parse_digest(e["chunkDigest"], raw) if e.get("chunkDigest") else None
-                fdig = parse_digest(e["digest"], raw) if e.get("digest") else None
-                csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
-                if (csize and csize < size) or zeros:
-                    digest = fdig  # of the whole file; each chunk has its own
-                    first = (nid, 0, csize, offset, inner, cdig, zeros)
-                    self.cur_file = (nid, raw, size, [first], end_offset)
-                    code |= _F_CHUNKED
-                else:
-                    # One chunk: the whole file. Verified against chunkDigest, as upstream
-                    # does, or the file digest (containers/storage writes only that one).
-                    if cdig is not None and fdig is not None and cdig != fdig:
-                        raise FormatError(
-                            f"TOC entry {raw!r}: chunkDigest and digest of its one chunk differ"
-                        )
-                    digest = cdig or fdig
-                    if digest is None and self.verified:
-                        raise FormatError(_no_digest(raw, 0))
-            elif e.get("digest"):
-                digest = parse_digest(e["digest"], raw)
-        elif kind == "symlink":
-            link = _str(e, "linkName", raw)
-            size = len(link.encode("utf-8", "surrogateescape"))
-        elif kind == "hardlink":
-            target = clean_name(_str(e, "linkName", raw))
-            link = target
-            self.hardlinks.append((nid, target, path))
-        elif kind in ("char", "block"):
-            major = _int(e, "devMajor", raw, 0, _MAX_DEV)
-            minor = _int(e, "devMinor", raw, 0, _MAX_DEV)
-            dev = (major << 32) | minor
-        return (
-            nid,
-            pid,
-            base,
-            code,
-            mode,
-            uid,
-            gid,
-            size,
-            mtime,
-            link,
-            dev,
-            xattrs_json,
-            digest,
-            offset,
-            inner,
-            owner,
-        )
-
     def _add_chunk(self, e: dict[str, Any], raw: str) -> None:
-        if self.cur_file is None or clean_name(raw) != clean_name(self.cur_file[1]):
+        cur = self.cur_file
+        if cur is None or (raw != cur[1] and clean_name(raw) != clean_name(cur[1])):
             raise FormatError(f"TOC chunk entry {raw!r} does not follow its file's entry")
-        nid, _, _size, chunks, _end = self.cur_file
+        nid, _, _size, chunks, _end = cur
         foff = _int(e, "chunkOffset", raw, 0, _MAX_SIZE)
         csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
         zeros = _chunk_flags(e, raw)
         offset = _int(e, "offset", raw, None, self.toc_offset - 1)
         if offset is None and not zeros:
             raise FormatError(f"TOC chunk entry {raw!r} at {foff} has no offset")
-        inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE) or None
+        inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE)
         cdig = e.get("chunkDigest")
-        digest = parse_digest(cdig, raw) if cdig else None
+        digest = _digest(cdig, raw) if cdig else None
         chunks.append((nid, foff, csize, offset, inner, digest, zeros))
         if offset is not None:
             self.offsets.add(offset)
@@ -705,7 +772,7 @@ class _Builder:
                 if off is None:
                     off = fixed[-1][3] if fixed else (end_offset or 0)
                 flags |= _C_NO_DATA
-            fixed.append((cid, foff, csize, off, inner, dig, flags or None))
+            fixed.append((cid, foff, csize, off, inner, -1 if dig is None else dig, flags))
             pos = foff + csize
         self.chunk_rows.extend(fixed)
 
@@ -786,7 +853,24 @@ def _lookup_path(db: sqlite3.Connection, path: str) -> int | None:
     return cur
 
 
-def _int(e: dict[str, Any], key: str, raw: str, default: int | None, maximum: int = 1 << 62) -> Any:
+def _null(mtime: int | str) -> int | None:
+    return None if mtime == "" else int(mtime)
+
+
+def _digest(value: object, what: str) -> bytearray:
+    """:func:`parse_digest` as a bytearray (which sqlite3 binds directly), the common case
+    inline."""
+    if type(value) is str and len(value) == 71 and value.startswith("sha256:"):
+        try:
+            return bytearray.fromhex(value[7:])
+        except ValueError:
+            pass
+    return bytearray(parse_digest(value, what))  # raises the error
+
+
+def _int(
+    e: dict[str, Any], key: str, raw: str, default: int | None, maximum: int = _MAX_INT
+) -> Any:
     value = e.get(key, default)
     # type() is, not isinstance: bool is an int subclass and must be rejected.
     if type(value) is int and 0 <= value <= maximum:
