@@ -454,7 +454,9 @@ class _Builder:
         self.dir_updates: list[tuple[Any, ...]] = []
         self.hardlinks: list[tuple[int, str, str]] = []  # (row id, target path, own path)
         self.chunk_rows: list[tuple[Any, ...]] = []
-        self.offsets: set[int] = set()
+        # Payload offsets, in TOC order (which is mostly blob order: cheap to sort).
+        self.offsets = array.array("q")
+        self.replaced = False  # some names were given twice (see _dedupe)
         self.owners: dict[tuple[str, int], str] = {}  # first name per id (uname(), gname())
         self.cur_names: dict[tuple[str, int], str] = {}  # latest name per id
         self.name_refs: dict[tuple[str, str], int] = {}  # (uname, gname) -> names.ref
@@ -485,7 +487,7 @@ class _Builder:
         self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
         self._dedupe()
         self._count_links(self._resolve_hardlinks())
-        offsets = array.array("q", sorted(self.offsets))
+        offsets = array.array("q", dict.fromkeys(sorted(self.offsets)))
         meta: list[tuple[str, Any]] = [
             ("offsets", offsets.tobytes()),
             ("landmark", self.landmark),
@@ -514,7 +516,7 @@ class _Builder:
     # several times slower. Digests are bytearrays for the same reason.
     def _rows(self, batches: Iterable[list[dict[str, Any]]]) -> Iterator[tuple[Any, ...]]:
         dirs_get = self.dirs.get
-        add_offset = self.offsets.add
+        add_offset = self.offsets.append
         toc_offset = self.toc_offset
         verified = self.verified
         owners = self.owners
@@ -545,7 +547,7 @@ class _Builder:
                         self.prefetch_end = _int(e, "offset", raw, 0)
                 off = get("offset")
                 if isinstance(off, int) and off > 0:
-                    self.offsets.add(off)
+                    self.offsets.append(off)
                 continue
 
             mode = get("mode", 0)
@@ -739,7 +741,7 @@ class _Builder:
         digest = _digest(cdig, raw) if cdig else None
         chunks.append((nid, foff, csize, offset, inner, digest, zeros))
         if offset is not None:
-            self.offsets.add(offset)
+            self.offsets.append(offset)
 
     def _finish_file(self) -> None:
         """Check a chunked file's chunks tile it exactly, then queue their rows."""
@@ -778,6 +780,15 @@ class _Builder:
 
     def _dedupe(self) -> None:
         """A name that appears twice: the later entry wins, as when extracting the tar."""
+        # Counting the distinct names is a third of the cost of grouping them: the usual
+        # layer, with no name twice, is done with that.
+        ((rows,),) = self.db.execute("SELECT count(*) FROM entries")
+        ((names,),) = self.db.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT parent, name FROM entries)"
+        )
+        if rows == names:
+            return
+        self.replaced = True
         dups = self.db.execute(
             "SELECT parent, name, max(id) FROM entries GROUP BY parent, name HAVING count(*) > 1"
         ).fetchall()
@@ -809,16 +820,14 @@ class _Builder:
                 if cur_target in seen:
                     raise FormatError(f"hardlink loop at {cur_target!r}")
                 seen.add(cur_target)
-                tid = _lookup_path(self.db, cur_target)
-                if tid is None:
+                found = self._lookup(cur_target)
+                if found is None:
                     raise FormatError(f"hardlink to {cur_target!r}, which is not in the layer")
-                row = self.db.execute(
-                    "SELECT kind, link FROM entries WHERE id=?", (tid,)
-                ).fetchone()
-                if row[0] & _KIND_MASK == HARDLINK:
-                    cur_target = row[1]
+                tid, kind, link = found
+                if kind & _KIND_MASK == HARDLINK:
+                    cur_target = link
                     continue
-                if row[0] & _KIND_MASK == DIR:
+                if kind & _KIND_MASK == DIR:
                     raise FormatError(f"hardlink to directory {cur_target!r}")
                 canon[nid] = tid
                 break
@@ -826,6 +835,26 @@ class _Builder:
             "UPDATE entries SET ino=? WHERE id=?", [(t, n) for n, t in canon.items()]
         )
         return canon
+
+    def _lookup(self, path: str) -> tuple[int, int, str] | None:
+        """The (id, kind, link) of the row at a path, or None."""
+        head, _, base = path.rpartition("/")
+        if self.replaced or not path:
+            # A replaced directory's id may still be in ``dirs``: walk the rows instead.
+            tid = _lookup_path(self.db, path)
+            if tid is None:
+                return None
+            row = self.db.execute("SELECT id, kind, link FROM entries WHERE id=?", (tid,))
+        else:
+            # Rows are only ever created below a directory of ``dirs``.
+            parent = self.dirs.get(head)
+            if parent is None:
+                return None
+            row = self.db.execute(
+                "SELECT id, kind, link FROM entries WHERE parent=? AND name=?", (parent, base)
+            )
+        found: tuple[int, int, str] | None = row.fetchone()
+        return found
 
     def _count_links(self, canon: dict[int, int]) -> None:
         """Directories: 2 + subdirectories. Files: 1 + the hardlinks naming them."""
