@@ -3,6 +3,7 @@ the layer applier's non-root behaviour, progress output, the blob cache."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import hashlib
@@ -332,3 +333,70 @@ def test_unsafe_symlinked_parents_are_refused(
     with pytest.raises(UnsafePathError) if "exist" not in why else contextlib.nullcontext():
         _apply(tmp_path / "root", [(entries[-1][0].rsplit("/", 1)[0] + "/.wh.victim", "file", "")])
     assert (outside / "victim").read_bytes() == b"original"
+
+
+# --------------------------------------------------------------------------- the tar reader
+
+
+def _one_file_layer(name: str = "dir/file", data: bytes = b"x" * 5000) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (b"", r"layer: not a tar stream \(empty file\)"),
+        (b"not a tar at all" * 100, r"layer: not a tar stream \(bad header checksum at offset 0\)"),
+        (b"\x00" * 100, r"layer: not a tar stream \(truncated header at offset 0"),
+        (
+            _one_file_layer()[:3000],
+            r"layer: malformed tar \(entry 'dir/file': data is truncated \(the stream ends after "
+            r"2488 of its 5000 bytes\)\)",
+        ),
+        (
+            _one_file_layer("a", b"a")[:1024] + b"junk" * 128,
+            r"layer: malformed tar \(bad header checksum at offset 1024 \(after entry 'a'\)\)",
+        ),
+    ],
+)
+def test_malformed_layers_are_format_errors(tmp_path: Path, blob: bytes, message: str) -> None:
+    with (
+        LayerApplier(str(tmp_path), as_root=False) as applier,
+        pytest.raises(FormatError, match=message),
+    ):
+        applier.apply(io.BytesIO(blob), "layer")
+
+
+def test_unsupported_member_type_is_named(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("dump")
+    info.type = b"D"
+    blob = info.tobuf(tarfile.GNU_FORMAT) + bytes(1024)
+    with (
+        LayerApplier(str(tmp_path), as_root=False) as applier,
+        pytest.raises(FormatError, match=r"layer: entry 'dump' has unsupported tar type b'D'"),
+    ):
+        applier.apply(io.BytesIO(blob), "layer")
+
+
+def test_xattrs_from_schily_and_libarchive_records() -> None:
+    from stargzfs.pull.extract import _xattrs
+    from stargzfs.pull.tarstream import TarMember
+
+    m = TarMember("f", "reg", b"0", 0o644, 0, 0, 0, 0, "", "", "", 0, 0)
+    assert _xattrs(m) == {}
+    m.pax_headers = {
+        "SCHILY.xattr.user.both": "from schily \udcff",
+        "LIBARCHIVE.xattr.user.both": base64.b64encode(b"from libarchive").decode(),
+        "LIBARCHIVE.xattr.user.a%3Db%20c": base64.b64encode(b"\x00\x01\x02\x03").decode()[:-2],
+        "LIBARCHIVE.xattr.user.bad": "not base64!",
+        "mtime": "1.5",
+    }
+    assert _xattrs(m) == {
+        "user.both": b"from schily \xff",
+        "user.a=b c": b"\x00\x01\x02\x03",
+    }

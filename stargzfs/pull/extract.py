@@ -21,6 +21,7 @@ creating children doesn't disturb it and a read-only directory doesn't block its
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
@@ -34,8 +35,8 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
 import threading
+import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from typing import IO, Any, Literal
 
 from ..errors import FormatError, StargzfsError, UnsafePathError
 from ..formats.toc import HIDDEN_NAMES, clean_name
+from .tarstream import TarFormatError, TarMember, TarReader
 
 __all__ = ["Decompressor", "LayerApplier", "open_decompressed"]
 
@@ -51,9 +53,11 @@ log = logging.getLogger(__name__)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE = ".wh..wh..opq"
-_COPY_BLOCK = 1024 * 1024
-_XATTR_PREFIXES = ("SCHILY.xattr.",)
+_SCHILY_XATTR = "SCHILY.xattr."
+_LIBARCHIVE_XATTR = "LIBARCHIVE.xattr."
+_XATTR_PREFIXES = (_SCHILY_XATTR, _LIBARCHIVE_XATTR)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINK_HOPS = 40  # symlinks followed in one parent walk (Linux's limit too)
 
 
@@ -651,30 +655,31 @@ class LayerApplier:
         """Apply one layer's (decompressed) tar stream."""
         self._what = what
         self._layer_paths = set()
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)  # noqa: SIM115
-        except tarfile.TarError as e:
-            raise FormatError(f"{what}: not a tar stream ({e})") from None
+        reader = TarReader(stream)
+        member: TarMember | None = None
         try:
             while True:
-                try:
-                    member = tar.next()
-                except tarfile.TarError as e:
-                    raise FormatError(f"{what}: malformed tar ({e})") from None
+                member = reader.next()
                 if member is None:
                     break
                 if self.check_interrupt is not None:
                     self.check_interrupt()
                 try:
-                    self._entry(tar, member)
+                    self._entry(reader, member)
                 except OSError as e:
                     raise StargzfsError(
                         f"{what}: entry {member.name!r}: {e.strerror or e}"
                     ) from None
-        finally:
-            tar.close()
+                except OverflowError as e:  # a time or an id the system call cannot take
+                    raise FormatError(f"{what}: entry {member.name!r}: {e}") from None
+        except TarFormatError as e:
+            if member is None and reader.offset <= 512:
+                raise FormatError(f"{what}: not a tar stream ({e})") from None
+            raise FormatError(f"{what}: malformed tar ({e})") from None
+        if reader.offset == 0:
+            raise FormatError(f"{what}: not a tar stream (empty file)")
 
-    def _entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def _entry(self, tar: TarReader, m: TarMember) -> None:
         raw_name = m.name
         try:
             name = clean_name(raw_name)
@@ -685,12 +690,13 @@ class LayerApplier:
                 "%s: entry %r: leading '/' removed (extracted as %r)", self._what, raw_name, name
             )
         if name == "":  # the layer root itself ("./"): its metadata applies to the root
-            if m.isdir():
+            if m.type == "dir":
                 self.stats.dir_meta[""] = _DirMeta(
                     m.mode & 0o7777, m.uid, m.gid, _mtime_ns(m.mtime)
                 )
             return
-        self._close_retired()
+        if self._retired:
+            self._close_retired()
         if len(self._dir_fds) > 256:
             self._drop_dir_fds()
         self.stats.entries += 1
@@ -702,23 +708,26 @@ class LayerApplier:
             return
         pfd, real_parent = self._parent(parents, name, create=True)
         path = f"{real_parent}/{base}" if real_parent else base  # the entry's real path
-        if m.isdir():
+        kind = m.type
+        # a non-directory replaces whatever was there (files and symlinks find out when they
+        # cannot be created: one system call fewer for the common case, nothing there)
+        if kind == "reg":
+            self._file(tar, pfd, base, name, path, m)
+        elif kind == "dir":
             self._dir(pfd, base, name, path, m)
+        elif kind == "symlink":
+            self._symlink(pfd, base, name, path, m)
         else:
             existing = self._exists(pfd, base)
             if existing is not None:
                 self._remove(pfd, base, path)
-            if m.isreg():
-                self._file(tar, pfd, base, name, m)
-            elif m.issym():
-                self._symlink(pfd, base, name, m)
-            elif m.islnk():
+            if kind == "hardlink":
                 self._hardlink(pfd, base, name, m)
-            elif m.ischr() or m.isblk() or m.isfifo():
+            elif kind in ("char", "block", "fifo"):
                 self._special(pfd, base, name, m)
             else:
                 raise FormatError(
-                    f"{self._what}: entry {name!r} has unsupported tar type {m.type!r}"
+                    f"{self._what}: entry {name!r} has unsupported tar type {m.typeflag!r}"
                 )
         self._layer_paths.add(path)
 
@@ -748,7 +757,7 @@ class LayerApplier:
         if path not in self._layer_paths:
             self._remove(pfd, target, path)
 
-    def _dir(self, pfd: int, base: str, name: str, path: str, m: tarfile.TarInfo) -> None:
+    def _dir(self, pfd: int, base: str, name: str, path: str, m: TarMember) -> None:
         st = self._exists(pfd, base)
         if st is not None and not stat.S_ISDIR(st.st_mode):
             self._remove(pfd, base, path)
@@ -766,27 +775,16 @@ class LayerApplier:
                 os.close(fd)
 
     def _file(
-        self, tar: tarfile.TarFile, pfd: int, base: str, name: str, m: tarfile.TarInfo
+        self, tar: TarReader, pfd: int, base: str, name: str, path: str, m: TarMember
     ) -> None:
-        fd = os.open(
-            base,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=pfd,
-        )
+        try:
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, base, path)
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
             if m.size:
-                src = tar.extractfile(m)
-                if src is None:
-                    raise FormatError(f"{self._what}: entry {name!r}: no data")
-                remaining = m.size
-                while remaining:
-                    data = src.read(min(_COPY_BLOCK, remaining))
-                    if not data:
-                        raise FormatError(f"{self._what}: entry {name!r}: data is truncated")
-                    os.write(fd, data)
-                    remaining -= len(data)
-                self.stats.bytes += m.size
+                self.stats.bytes += tar.copy_to_fd(fd)
             if self.as_root:
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)
@@ -799,16 +797,20 @@ class LayerApplier:
             os.close(fd)
         self.stats.files += 1
 
-    def _symlink(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+    def _symlink(self, pfd: int, base: str, name: str, path: str, m: TarMember) -> None:
         if "\x00" in m.linkname:
             raise UnsafePathError(f"{self._what}: symlink {name!r} has a NUL in its target")
-        os.symlink(m.linkname, base, dir_fd=pfd)
+        try:
+            os.symlink(m.linkname, base, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, base, path)
+            os.symlink(m.linkname, base, dir_fd=pfd)
         if self.as_root:
             os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         t = _mtime_ns(m.mtime)
         os.utime(base, ns=(t, t), dir_fd=pfd, follow_symlinks=False)
 
-    def _hardlink(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+    def _hardlink(self, pfd: int, base: str, name: str, m: TarMember) -> None:
         try:
             target = clean_name(m.linkname)
         except UnsafePathError as e:
@@ -827,16 +829,16 @@ class LayerApplier:
             raise UnsafePathError(f"{self._what}: hardlink {name!r} points at directory {target!r}")
         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
 
-    def _special(self, pfd: int, base: str, name: str, m: tarfile.TarInfo) -> None:
+    def _special(self, pfd: int, base: str, name: str, m: TarMember) -> None:
         perm = m.mode & 0o7777
-        if m.isfifo():
+        if m.type == "fifo":
             os.mkfifo(base, 0o600, dir_fd=pfd)
         else:
             if not self.as_root:
                 self.stats.skipped_devices += 1
                 log.warning("%s: skipping device node %r (not root)", self._what, name)
                 return
-            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            kind = stat.S_IFCHR if m.type == "char" else stat.S_IFBLK
             os.mknod(base, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
         if self.as_root:
             os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
@@ -907,10 +909,29 @@ def _mtime_ns(mtime: float | int) -> int:
     return round(mtime * 1_000_000_000)
 
 
-def _xattrs(m: tarfile.TarInfo) -> dict[str, bytes]:
+def _xattrs(m: TarMember) -> dict[str, bytes]:
+    """The extended attributes of a member: pax ``SCHILY.xattr.NAME=VALUE`` (GNU tar, star,
+    Go, Python) and ``LIBARCHIVE.xattr.URL-ENCODED-NAME=BASE64-VALUE`` (bsdtar, which writes
+    both; the SCHILY one wins)."""
     out: dict[str, bytes] = {}
+    if not m.pax_headers:
+        return out
+    for key in m.pax_headers:
+        if key.startswith(_XATTR_PREFIXES):
+            break
+    else:
+        return out
     for key, value in m.pax_headers.items():
-        for prefix in _XATTR_PREFIXES:
-            if key.startswith(prefix):
-                out[key[len(prefix) :]] = value.encode("utf-8", "surrogateescape")
+        if key.startswith(_SCHILY_XATTR):
+            out[key[len(_SCHILY_XATTR) :]] = value.encode("utf-8", "surrogateescape")
+    for key, value in m.pax_headers.items():
+        if key.startswith(_LIBARCHIVE_XATTR):
+            raw_name = urllib.parse.unquote_to_bytes(key[len(_LIBARCHIVE_XATTR) :])
+            xname = raw_name.decode("utf-8", "surrogateescape")
+            if xname in out:
+                continue
+            try:
+                out[xname] = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                log.warning("entry %r: xattr %s: value is not base64; skipped", m.name, xname)
     return out
