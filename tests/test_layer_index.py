@@ -231,3 +231,43 @@ def test_chunks_for_is_the_overlapping_chunks(offset: int, length: int) -> None:
 
 
 INDEX_37 = many_chunks(37, size=27)  # 999 bytes in 37 chunks
+
+
+@pytest.mark.parametrize("persisted", [False, True])
+def test_compressed_ranges_follow_blob_order_whatever_the_toc_order(
+    tmp_path: Any, persisted: bool
+) -> None:
+    """Payload offsets in TOC order are usually sorted; out of order (and repeated, as
+    endOffset repeats the next start) they end each range at the next larger offset all the
+    same, in memory and reopened from a file."""
+    entries = [
+        {"name": "c", "type": "reg", "size": 5, "offset": 300, "endOffset": 400},
+        {"name": "a", "type": "reg", "size": 5, "offset": 100, "endOffset": 200},
+        {"name": "b", "type": "reg", "size": 5, "offset": 200, "endOffset": 300},
+        {"name": "d", "type": "reg", "size": 5, "offset": 400},
+    ]
+    path = tmp_path / "i.sqlite" if persisted else None
+    index = LayerIndex.build(
+        toc(*entries), format="estargz", compression="gzip", toc_offset=900, path=path
+    )
+    ends = {}
+    for name in "abcd":
+        entry = index.resolve(name)
+        assert entry is not None
+        (chunk,) = index.chunks(entry)
+        ends[name] = (chunk.comp_offset, chunk.comp_end)
+    assert ends == {"a": (100, 200), "b": (200, 300), "c": (300, 400), "d": (400, 900)}
+    assert list(index._offsets) == [100, 200, 300, 400]
+
+
+def test_an_index_file_without_its_offsets_is_unreadable(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "i.sqlite"
+    build(FILE, path=path).close()
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta WHERE key = 'offsets'")
+    db.commit()
+    db.close()
+    with pytest.raises(FormatError, match="unreadable"):
+        LayerIndex.open(path)

@@ -24,6 +24,7 @@ import binascii
 import bisect
 import itertools
 import json
+import operator
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -150,9 +151,9 @@ class Entry:
 class LayerIndex:
     """Read side of the index. Build one with :meth:`build`, reopen with :meth:`open`."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, offsets: array.array[int] | None = None) -> None:
         self._db = db
-        meta = dict(db.execute("SELECT key, value FROM meta"))
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key != 'offsets'"))
         if meta.get("schema") != SCHEMA_VERSION:
             raise FormatError("index file has an unknown schema version")
         self.format: str = meta["format"]
@@ -164,8 +165,13 @@ class LayerIndex:
         self.entry_count: int = meta["entry_count"]
         # An annotation vouched for the TOC (toc.digest, or a zstd:chunked manifest checksum).
         self.verified: bool = bool(meta.get("verified"))
-        self._offsets = array.array("q")
-        self._offsets.frombytes(meta["offsets"])
+        if offsets is None:  # (a build hands them over: not read back, not held twice)
+            offsets = array.array("q")
+            row = db.execute("SELECT value FROM meta WHERE key = 'offsets'").fetchone()
+            if row is None:
+                raise KeyError("offsets")
+            offsets.frombytes(row[0])
+        self._offsets = offsets
         self._owners: dict[tuple[str, int], str] = {
             (k, i): n for k, i, n in db.execute("SELECT kind, id, name FROM owners")
         }
@@ -211,9 +217,11 @@ class LayerIndex:
             )
             db.executescript(_SCHEMA)
             db.execute("BEGIN")
-            _Builder(db, toc_offset, verified).run(toc_json)
+            builder = _Builder(db, toc_offset, verified)
+            offsets = builder.run(toc_json)
             if check is not None:
                 toc_digest = check()
+            ((count,),) = db.execute("SELECT count(*) FROM entries")
             meta: dict[str, Any] = {
                 "schema": SCHEMA_VERSION,
                 "format": format,
@@ -221,12 +229,13 @@ class LayerIndex:
                 "toc_offset": toc_offset,
                 "toc_digest": toc_digest,
                 "verified": int(verified),
+                "entry_count": count,
+                "landmark": builder.landmark,
+                "prefetch_end": builder.prefetch_end,
             }
-            meta.update(db.execute("SELECT 'entry_count', count(*) FROM entries").fetchall())
-            for key, value in _pending_meta(db):
-                meta[key] = value
-            db.execute("DELETE FROM meta")
             db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            if target:  # (an index in memory is never reopened)
+                db.execute("INSERT INTO meta VALUES ('offsets', ?)", (offsets,))
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -236,18 +245,24 @@ class LayerIndex:
         if target:
             db.close()
             os.replace(tmp, target)
-            return cls.open(target)
+            return cls._open(target, offsets)
         db.execute("PRAGMA cache_size=-2048")
-        return cls(db)
+        return cls(db, offsets)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> LayerIndex:
+        return cls._open(path)
+
+    @classmethod
+    def _open(
+        cls, path: str | os.PathLike[str], offsets: array.array[int] | None = None
+    ) -> LayerIndex:
         uri = f"file:{os.fspath(path)}?mode=ro"
         db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA cache_size=-2048")
         try:
-            return cls(db)
-        except (sqlite3.DatabaseError, KeyError) as e:
+            return cls(db, offsets)
+        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
             db.close()
             raise FormatError(f"index file {os.fspath(path)} is unreadable: {e}") from None
 
@@ -436,10 +451,6 @@ class LayerIndex:
         )
 
 
-def _pending_meta(db: sqlite3.Connection) -> list[tuple[str, Any]]:
-    return list(db.execute("SELECT key, value FROM meta"))
-
-
 class _Builder:
     """One pass over the TOC entries, writing rows; then hardlinks, nlink and the indexes."""
 
@@ -468,7 +479,8 @@ class _Builder:
         # Rows are streamed into one executemany; side rows wait here until it is done.
         self.implicit_rows: list[tuple[Any, ...]] = []
 
-    def run(self, text: bytes | str | Iterable[bytes]) -> None:
+    def run(self, text: bytes | str | Iterable[bytes]) -> array.array[int]:
+        """Build the tables; returns the sorted payload offsets (see ``compressed_end``)."""
         self.db.executemany(_INSERT_ENTRY, self._rows(iter_toc_batches(text)))
         self._finish_file()
         self.db.executemany(
@@ -487,13 +499,6 @@ class _Builder:
         self.db.execute("CREATE INDEX by_name ON entries (parent, name)")
         self._dedupe()
         self._count_links(self._resolve_hardlinks())
-        offsets = array.array("q", dict.fromkeys(sorted(self.offsets)))
-        meta: list[tuple[str, Any]] = [
-            ("offsets", offsets.tobytes()),
-            ("landmark", self.landmark),
-            ("prefetch_end", self.prefetch_end),
-        ]
-        self.db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
         self.db.executemany(
             "INSERT INTO owners VALUES (?, ?, ?)",
             [(k, i, n) for (k, i), n in self.owners.items()],
@@ -502,6 +507,7 @@ class _Builder:
             "INSERT INTO names VALUES (?, ?, ?)",
             [(ref, u, g) for (u, g), ref in self.name_refs.items()],
         )
+        return _sorted_unique(self.offsets)
 
     # Entries are validated and turned into rows here, one at a time (a generator feeding
     # executemany, so no list of a million rows is ever held). This loop is most of the
@@ -870,6 +876,16 @@ class _Builder:
             "UPDATE entries SET nlink=? WHERE id=?",
             [(2 + n, d) for d, n in subdirs.items()] + [(n, f) for f, n in links.items()],
         )
+
+
+def _sorted_unique(values: array.array[int]) -> array.array[int]:
+    """``values`` (all >= 0) sorted without repeats. Offsets come mostly in blob order: when
+    already sorted, no list of a million ints is made (it would stay in the heap after)."""
+    if not all(map(operator.le, values, itertools.islice(values, 1, None))):
+        values = array.array("q", sorted(values))
+    # Sorted: a repeat is equal to the value before it.
+    keep = map(operator.ne, values, itertools.chain((-1,), values))
+    return array.array("q", itertools.compress(values, keep))
 
 
 def _lookup_path(db: sqlite3.Connection, path: str) -> int | None:
