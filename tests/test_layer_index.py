@@ -271,3 +271,22 @@ def test_an_index_file_without_its_offsets_is_unreadable(tmp_path: Any) -> None:
     db.close()
     with pytest.raises(FormatError, match="unreadable"):
         LayerIndex.open(path)
+
+
+@pytest.mark.parametrize("count", [0, 1, 31, 32, 33, 97])
+def test_rows_inserted_in_groups_keep_every_field_in_place(count: int) -> None:
+    files = [
+        {"name": f"d/f{i:03d}", "type": "reg", "size": i + 1, "offset": 10 * i, "mode": i}
+        for i in range(count)
+    ]
+    links = [{"name": f"d/s{i:03d}", "type": "symlink", "linkName": f"t{i}"} for i in range(3)]
+    index = build(*files, *links)
+    got = [(p, e.size, e.mode, e.linkname) for p, e in index.walk()]
+    want = [("d", 0, 0o755, "")]
+    want += [(f"d/f{i:03d}", i + 1, i, "") for i in range(count)]
+    want += [(f"d/s{i:03d}", 2, 0, f"t{i}") for i in range(3)]
+    assert got == want
+    for i in range(count):
+        entry = index.resolve(f"d/f{i:03d}")
+        assert entry is not None
+        assert index.chunks(entry)[0].comp_offset == 10 * i
