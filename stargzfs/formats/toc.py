@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -166,8 +167,15 @@ class _Scanner:
             )
         self.pos += 1
 
+    def _fill_ahead(self) -> None:
+        """Read on when little is left: a value cut by the window's end is decoded twice, and
+        the failed try costs a count of the window's lines (JSONDecodeError's lineno)."""
+        if not self.final and len(self.text) - self.pos < _BATCH:
+            self._fill()
+
     def value(self) -> Any:
         self.peek()
+        self._fill_ahead()
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.text, self.pos)
@@ -193,6 +201,7 @@ class _Scanner:
         that fails too the elements up to the first cut are left to :meth:`value`, one at a
         time, whose errors give the position of anything malformed.
         """
+        self._fill_ahead()
         text, pos = self.text, self.pos
         if self.base + pos < self._single_until:
             return []
@@ -257,16 +266,12 @@ def iter_toc_batches(data: bytes | str | Iterable[bytes]) -> Iterator[list[dict[
             if index:
                 scan.expect(",")
             batch = scan.batch() or [scan.value()]
-            for i, entry in enumerate(batch):
-                kind = entry.get("type") if type(entry) is dict else None
-                if (
-                    type(kind) is not str
-                    or kind not in ENTRY_TYPES
-                    or type(entry.get("name")) is not str
-                ):
-                    if i:
-                        yield batch[:i]
-                    _check_entry(entry, index + i)
+            if not _all_good(batch):
+                for i, entry in enumerate(batch):
+                    if not _all_good([entry]):
+                        if i:
+                            yield batch[:i]
+                        _check_entry(entry, index + i)
             index += len(batch)
             yield batch
         scan.pos += 1
@@ -277,6 +282,17 @@ def iter_toc_batches(data: bytes | str | Iterable[bytes]) -> Iterator[list[dict[
         raise FormatError("TOC has no 'entries' array")
     if version != 1:
         raise FormatError(f"unsupported TOC version {version!r} (expected 1)")
+
+
+def _all_good(batch: list[Any]) -> bool:
+    """Whether every entry passes :func:`_check_entry`, in a few passes of C (no Python code
+    per entry): objects (else ``dict.get`` raises), names that are strings, known types."""
+    try:
+        types = set(map(dict.get, batch, itertools.repeat("type")))
+        names = set(map(type, map(dict.get, batch, itertools.repeat("name"))))
+    except TypeError:  # not an object, or an unhashable type
+        return False
+    return types <= ENTRY_TYPES and names == {str}
 
 
 def _check_entry(entry: object, index: int) -> None:
