@@ -77,6 +77,13 @@ class ImageView:
         self.prefetch_state[layer.name] = f"done ({stored} chunks)"
         return stored
 
+    def prioritized_paths(self, position: int) -> list[str]:
+        """The layer's prioritized regular files (before its prefetch landmark), in blob
+        order; blocking, run it in a thread."""
+        layer = self.layers[position]
+        end = layer.index.prefetch_end
+        return layer.index.prioritized_paths(end) if end else []
+
     async def background_fetch(self, position: int, batch: int = 8 << 20) -> int:
         """Fetch the rest of a layer, a batch of adjacent chunks at a time, at low priority
         (see :class:`~stargzfs.reader.FetchGate`) so that on-demand reads go first."""

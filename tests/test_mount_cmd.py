@@ -574,3 +574,39 @@ def test_podman_zstd_chunked_layer_with_holes_through_a_mount(
     assert result.returncode == 0, result.stderr
     for name, content in blob.contents.items():
         assert (mnt / name).read_bytes() == content, name
+
+
+def test_prioritized_files_are_in_the_kernel_caches_after_prefetch(
+    registry: Registry, fixtures_dir: Path, mnt: Path, tmp_path: Path
+) -> None:
+    """After the prefetch, the daemon reads the prioritized files once through the mount:
+    reading them afterwards reaches the daemon no more (its cache counters stay put). With
+    --record-access it does not (that would record reads nobody made)."""
+    from harness.oci import LayerBlob
+
+    meta = json.loads((fixtures_dir / "prioritized.json").read_text())
+    blob = (fixtures_dir / "prioritized.esgz").read_bytes()
+    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "prio/warm:v1")
+    entries = {e["path"]: e for e in meta["entries"]}
+    prioritized = [p for p in meta["prefetch_entries"] if entries[p]["type"] == "reg"]
+    log = tmp_path / "daemon.log"
+    args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--log-file", str(log))
+    assert stargzfs(*args).returncode == 0
+    wait_for_line(log, "prioritized files in the kernel's caches")
+
+    def counters() -> int:
+        cache = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["cache"]
+        return int(cache["memory_hits"] + cache["disk_hits"] + cache["misses"])
+
+    before = counters()
+    for path in prioritized:
+        assert (mnt / path).read_bytes()
+    assert counters() == before
+    assert stargzfs("umount", str(mnt)).returncode == 0
+
+    record = tmp_path / "record.txt"
+    assert stargzfs(*args, "--record-access", str(record)).returncode == 0
+    wait_for_line(log, "prefetched")
+    time.sleep(0.3)
+    assert not record.exists() or record.read_text() == ""

@@ -402,6 +402,16 @@ class LayerIndex:
         ]
         return sorted((c for c in out if c.comp_end <= end), key=lambda c: c.comp_offset)
 
+    def prioritized_paths(self, end: int) -> list[str]:
+        """Paths of the regular files whose content starts before blob offset ``end`` (the
+        prefetch range), in blob order."""
+        rows = self._db.execute(
+            "SELECT id FROM entries WHERE offset IS NOT NULL AND offset < ? AND (kind & ?) = ? "
+            "ORDER BY offset",
+            (end, _KIND_MASK, REG),
+        ).fetchall()
+        return [self.path_of(row[0]) for row in rows]
+
     def _chunk(
         self, foff: int, size: int, off: int, inner: int | None, digest: bytes | None, flags: int
     ) -> Chunk:
