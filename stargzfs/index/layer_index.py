@@ -61,6 +61,7 @@ _KIND_MASK = 0x0F
 
 _MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
 _MAX_INT = 1 << 62
+_HIDDEN_LENGTHS = frozenset(map(len, HIDDEN_NAMES))  # (a length is cheaper than a hash)
 _MAX_ID = (1 << 32) - 1
 _MAX_DEV = (1 << 20) - 1  # Linux: 12-bit major, 20-bit minor
 
@@ -566,9 +567,12 @@ class _Builder:
         last_uid = last_gid = -1
         last_owner = 0  # the names ref of (last_uid, last_gid), 0 for none
         mtimes: dict[str, int | str] = {}  # modtime text -> bound value ("" for none)
+        last_modtime: object = None
+        mtime: int | str = ""
+        last_head = None  # the parent path of the last row, and its id
+        last_pid = ROOT_ID
         fromhex = bytearray.fromhex
         for e in itertools.chain.from_iterable(batches):
-            get = e.get
             raw = e["name"]
             kind = e["type"]
             if kind == "chunk":
@@ -580,30 +584,30 @@ class _Builder:
                 path = clean_name(raw)
             else:
                 path = raw.rstrip("/")  # clean_name's common case: already clean
-            if path in HIDDEN_NAMES:
+            if len(path) in _HIDDEN_LENGTHS and path in HIDDEN_NAMES:
                 if path in (LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH):
                     self.landmark = path
                     if path == LANDMARK_PREFETCH:
                         self.prefetch_end = _int(e, "offset", raw, 0)
-                off = get("offset")
+                off = e.get("offset")
                 if isinstance(off, int) and off > 0:
                     self.offsets.append(off)
                 continue
 
-            mode = get("mode", 0)
+            mode = e.get("mode", 0)
             if type(mode) is not int or not 0 <= mode <= _MAX_INT:
                 mode = _int(e, "mode", raw, 0)
             mode &= 0o7777
-            uid = get("uid", 0)
+            uid = e.get("uid", 0)
             if type(uid) is not int or not 0 <= uid <= _MAX_ID:
                 uid = _int(e, "uid", raw, 0, _MAX_ID)
-            gid = get("gid", 0)
+            gid = e.get("gid", 0)
             if type(gid) is not int or not 0 <= gid <= _MAX_ID:
                 gid = _int(e, "gid", raw, 0, _MAX_ID)
             # Names are written only when they change for an id (upstream's nameIfChanged):
             # an entry without one has the latest name seen for its uid (gname: its gid).
-            uname = get("userName")
-            gname = get("groupName")
+            uname = e.get("userName")
+            gname = e.get("groupName")
             if uname or gname or uid != last_uid or gid != last_gid:
                 if isinstance(uname, str) and uname:
                     cur_u[uid] = uname
@@ -620,21 +624,23 @@ class _Builder:
                 last_uid, last_gid = uid, gid
             owner = last_owner
 
-            modtime = get("modtime")
-            mtime: int | str = ""
-            if modtime is not None:
-                if type(modtime) is not str:
-                    raise FormatError(f"TOC entry {raw!r}: modtime is not a string")
-                cached = mtimes.get(modtime)
-                if cached is None:
-                    ns = parse_modtime(modtime)
-                    # Go's zero time: unspecified.
-                    cached = "" if ns == -62135596800 * 1_000_000_000 else ns
-                    if len(mtimes) >= 4096:
-                        mtimes.clear()
-                    mtimes[modtime] = cached
-                mtime = cached
-            xattrs = get("xattrs")
+            modtime = e.get("modtime")
+            if modtime != last_modtime:  # (neighbours often share a time)
+                mtime = ""
+                if modtime is not None:
+                    if type(modtime) is not str:
+                        raise FormatError(f"TOC entry {raw!r}: modtime is not a string")
+                    cached = mtimes.get(modtime)
+                    if cached is None:
+                        ns = parse_modtime(modtime)
+                        # Go's zero time: unspecified.
+                        cached = "" if ns == -62135596800 * 1_000_000_000 else ns
+                        if len(mtimes) >= 4096:
+                            mtimes.clear()
+                        mtimes[modtime] = cached
+                    mtime = cached
+                last_modtime = modtime
+            xattrs = e.get("xattrs")
             xattrs_json = _check_xattrs(xattrs, raw) if xattrs else None
 
             if kind == "dir":
@@ -651,9 +657,12 @@ class _Builder:
             elif path == "":
                 raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
             head, _, base = path.rpartition("/")
-            pid = dirs_get(head)
-            if pid is None:
-                pid = self._implicit_dir(head)
+            if head != last_head:  # (entries come directory by directory)
+                pid = dirs_get(head)
+                if pid is None:
+                    pid = self._implicit_dir(head)
+                last_head, last_pid = head, pid
+            pid = last_pid
             nid = self.next_id
             self.next_id = nid + 1
             link = ""
@@ -662,23 +671,23 @@ class _Builder:
             offset: int | None = None
             code = _KIND_CODE[kind]
             if kind == "reg":
-                size = get("size", 0)
+                size = e.get("size", 0)
                 if type(size) is not int or not 0 <= size <= _MAX_SIZE:
                     size = _int(e, "size", raw, 0, _MAX_SIZE)
                 if size:
-                    ctype = get("chunkType")
+                    ctype = e.get("chunkType")
                     zeros = 0 if ctype is None or ctype == "" else _chunk_flags(e, raw)
-                    offset = get("offset")
+                    offset = e.get("offset")
                     if type(offset) is not int or not 0 <= offset < toc_offset:
                         offset = _int(e, "offset", raw, None, toc_offset - 1)
                     if offset is None and not zeros:
                         raise FormatError(f"TOC entry {raw!r}: non-empty file without offset")
-                    inner = get("innerOffset", 0)
+                    inner = e.get("innerOffset", 0)
                     if type(inner) is not int or not 0 <= inner <= _MAX_SIZE:
                         inner = _int(e, "innerOffset", raw, 0, _MAX_SIZE)
                     if offset is not None:
                         add_offset(offset)
-                    end_offset = get("endOffset")
+                    end_offset = e.get("endOffset")
                     if end_offset is not None:
                         end_offset = _int(e, "endOffset", raw, None, toc_offset)
                         # containers/storage: where this file's compressed bytes end.
@@ -688,8 +697,8 @@ class _Builder:
                                 f"offset {offset}"
                             )
                         add_offset(end_offset)
-                    cd = get("chunkDigest")
-                    fd = get("digest")
+                    cd = e.get("chunkDigest")
+                    fd = e.get("digest")
                     cdig = fdig = None
                     if cd:
                         # _digest's common case, inline.
@@ -702,7 +711,7 @@ class _Builder:
                             cdig = _digest(cd, raw)
                     if fd:
                         fdig = cdig if fd == cd else _digest(fd, raw)
-                    csize = get("chunkSize", 0)
+                    csize = e.get("chunkSize", 0)
                     if type(csize) is not int or not 0 <= csize <= _MAX_SIZE:
                         csize = _int(e, "chunkSize", raw, 0, _MAX_SIZE)
                     if (csize and csize < size) or zeros:
@@ -720,7 +729,7 @@ class _Builder:
                         digest = cdig or fdig
                         if digest is None and verified:
                             raise FormatError(_no_digest(raw, 0))
-                elif get("digest"):
+                elif e.get("digest"):
                     digest = _digest(e["digest"], raw)
             elif kind == "dir":
                 self.dirs[path] = nid
