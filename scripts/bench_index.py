@@ -18,7 +18,8 @@ Then, in a fresh child process per measurement:
 
 For each it prints load time and resident memory beyond what the process held with the
 raw TOC JSON in hand (the issue's budget: at most 200 bytes per entry), then lookup and
-listing speed. Run: ``python scripts/bench_index.py [--entries N] [--synthetic]``.
+listing speed. Run: ``python scripts/bench_index.py [--entries N] [--synthetic] [--modes
+memory,file]``.
 """
 
 from __future__ import annotations
@@ -388,11 +389,20 @@ def main() -> None:
         action="store_true",
         help="generate the TOC JSON directly instead of writing the layer with convert_layer",
     )
+    ap.add_argument(
+        "--modes",
+        default="memory,file,reopen,blob",
+        help="comma-separated modes to measure (reopen needs file before it)",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"memory", "file", "reopen", "blob"}
+    if unknown or ("reopen" in modes and "file" not in modes[: modes.index("reopen")]):
+        sys.exit(f"--modes {args.modes!r}: unknown mode, or reopen without file before it")
     with tempfile.TemporaryDirectory() as tmp:
         sample_path = os.path.join(tmp, "sample.json")
         if args.synthetic:
@@ -417,7 +427,7 @@ def main() -> None:
             f"{'mode':<8} {'load s':>7} {'RSS +MB':>8} {'B/entry':>8} {'peak +MB':>9} "
             f"{'µs/name':>8} {'index MB':>9}"
         )
-        for mode in ("memory", "file", "reopen", "blob"):
+        for mode in modes:
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, toc_path, tmp, sample_path],
                 capture_output=True,
