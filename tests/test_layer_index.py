@@ -290,3 +290,42 @@ def test_rows_inserted_in_groups_keep_every_field_in_place(count: int) -> None:
         entry = index.resolve(f"d/f{i:03d}")
         assert entry is not None
         assert index.chunks(entry)[0].comp_offset == 10 * i
+
+
+def test_names_are_cleaned_whatever_the_previous_row() -> None:
+    """A name under the same parent as the last row skips the full clean-up only when it is
+    clean already: a leading "/", a trailing "/", dots and NUL are still seen."""
+    names = ["a", "/b", "d/a", "d/b/", "d/.c", "d/..x", "./d/e", "d/f//", "d/g"]
+    index = build(*({"name": n, "type": "reg", "size": 0} for n in names))
+    assert [p for p, _ in index.walk()] == [
+        "a",
+        "b",
+        "d",
+        "d/..x",
+        "d/.c",
+        "d/a",
+        "d/b",
+        "d/e",
+        "d/f",
+        "d/g",
+    ]
+    for bad in ("d/b\x00", "d/.."):
+        with pytest.raises(FormatError):
+            build({"name": "d/a", "type": "reg", "size": 0}, {"name": bad, "type": "reg"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="ab/.", min_size=1, max_size=7), min_size=1, max_size=8))
+def test_any_names_land_where_clean_name_puts_them(names: list[str]) -> None:
+    from stargzfs.errors import UnsafePathError
+    from stargzfs.formats.toc import clean_name
+
+    try:
+        cleaned = [clean_name(n) for n in names]
+    except UnsafePathError:
+        with pytest.raises(UnsafePathError):
+            build(*({"name": n, "type": "dir"} for n in names))
+        return
+    index = build(*({"name": n, "type": "dir"} for n in names))
+    want = {"/".join(c.split("/")[: i + 1]) for c in cleaned if c for i in range(c.count("/") + 1)}
+    assert {p for p, _ in index.walk()} == want

@@ -62,6 +62,7 @@ _KIND_MASK = 0x0F
 _MAX_SIZE = 1 << 53  # larger sizes are corrupt TOCs, not real files
 _MAX_INT = 1 << 62
 _HIDDEN_LENGTHS = frozenset(map(len, HIDDEN_NAMES))  # (a length is cheaper than a hash)
+_UNCLEAN_START = frozenset(("", "."))  # a base name that clean_name may change
 _MAX_ID = (1 << 32) - 1
 _MAX_DEV = (1 << 20) - 1  # Linux: 12-bit major, 20-bit minor
 
@@ -580,10 +581,21 @@ class _Builder:
                 continue
             if self.cur_file is not None:
                 self._finish_file()
-            if "//" in raw or "/." in raw or "\x00" in raw or raw.startswith(("/", ".")):
-                path = clean_name(raw)
+            head, sep, base = raw.rpartition("/")
+            if (
+                head == last_head
+                and base[:1] not in _UNCLEAN_START
+                and "\x00" not in base
+                and (head or not sep)
+            ):
+                # The clean parent of the last row and a plain name in it: clean already.
+                path = raw
             else:
-                path = raw.rstrip("/")  # clean_name's common case: already clean
+                if "//" in raw or "/." in raw or "\x00" in raw or raw.startswith(("/", ".")):
+                    path = clean_name(raw)
+                else:
+                    path = raw.rstrip("/")  # clean_name's common case: already clean
+                head, _, base = path.rpartition("/")
             if len(path) in _HIDDEN_LENGTHS and path in HIDDEN_NAMES:
                 if path in (LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH):
                     self.landmark = path
@@ -656,7 +668,6 @@ class _Builder:
                     continue
             elif path == "":
                 raise FormatError(f"TOC entry {raw!r} of type {kind} names the layer root")
-            head, _, base = path.rpartition("/")
             if head != last_head:  # (entries come directory by directory)
                 pid = dirs_get(head)
                 if pid is None:
