@@ -488,14 +488,13 @@ class _Builder:
         self.offsets = array.array("q")
         self.replaced = False  # some names were given twice (see _dedupe)
         self.owners: dict[tuple[str, int], str] = {}  # first name per id (uname(), gname())
-        self.cur_names: dict[tuple[str, int], str] = {}  # latest name per id
         self.name_refs: dict[tuple[str, str], int] = {}  # (uname, gname) -> names.ref
         self.landmark: str | None = None
         self.prefetch_end: int | None = None
         # The regular file that following "chunk" entries belong to.
         self.cur_file: tuple[int, str, int, list[tuple[Any, ...]], int | None] | None = None
         self.root_row: tuple[Any, ...] = (ROOT_ID, ROOT_ID, "", DIR | _F_IMPLICIT, 0o755)
-        # Rows are streamed into one executemany; side rows wait here until it is done.
+        # Rows are streamed into the INSERTs; side rows wait here until they are done.
         self.implicit_rows: list[tuple[Any, ...]] = []
 
     def run(self, text: bytes | str | Iterable[bytes]) -> array.array[int]:
