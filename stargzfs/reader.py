@@ -76,16 +76,30 @@ async def _read_range(
     end = min(offset + length, entry.size)
     out = []
     for chunk in index.chunks_for(entry, offset, length):
-        data = await fetch(chunk, what)
         lo = max(offset - chunk.file_offset, 0)
-        out.append(data[lo : min(end - chunk.file_offset, chunk.size)])
+        hi = min(end - chunk.file_offset, chunk.size)
+        if _is_hole(chunk):
+            # Zeros the TOC declares, with no bytes in the blob: only the part asked for (a
+            # hole may be gigabytes), nothing fetched or cached.
+            out.append(bytes(hi - lo))
+            continue
+        data = await fetch(chunk, what)
+        out.append(data[lo:hi])
     return b"".join(out)
+
+
+def _is_hole(chunk: Chunk) -> bool:
+    return chunk.zeros and chunk.comp_end == chunk.comp_offset
 
 
 async def iter_file(source: ByteSource, index: LayerIndex, entry: Entry) -> AsyncIterator[bytes]:
     """A whole file, chunk by chunk, each verified."""
     what = index.path_of(entry.name_id)
     for chunk in index.chunks(entry):
+        if _is_hole(chunk):
+            for start in range(0, chunk.size, 1 << 20):
+                yield bytes(min(1 << 20, chunk.size - start))
+            continue
         yield await read_chunk(source, index, chunk, what)
 
 
@@ -300,7 +314,7 @@ class ChunkReader:
         return runs
 
     async def _missing(self, chunks: list[Chunk]) -> list[Chunk]:
-        verified = [c for c in chunks if c.digest is not None]
+        verified = [c for c in chunks if c.digest is not None and not _is_hole(c)]
         return await trio.to_thread.run_sync(
             lambda: [c for c in verified if c.digest is not None and not self.cache.has(c.digest)]
         )

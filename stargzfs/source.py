@@ -112,15 +112,17 @@ class TailCachedSource:
         return getattr(self.inner, "stats", None)
 
     async def read_at(self, offset: int, length: int) -> bytes:
-        if offset >= self._tail_start:
+        # One snapshot: a concurrent tail read may replace the kept tail while we await.
+        tail_start, tail = self._tail_start, self._tail
+        if offset >= tail_start:
             check_range(self.inner.size, offset, length)
-            start = offset - self._tail_start
-            return self._tail[start : start + length]
-        if offset + length > self._tail_start:
+            start = offset - tail_start
+            return tail[start : start + length]
+        if offset + length > tail_start:
             # Straddles the kept tail: fetch only what lies before it.
             check_range(self.inner.size, offset, length)
-            head = await self.inner.read_at(offset, self._tail_start - offset)
-            return head + self._tail[: offset + length - self._tail_start]
+            head = await self.inner.read_at(offset, tail_start - offset)
+            return head + tail[: offset + length - tail_start]
         data = await self.inner.read_at(offset, length)
         if offset + length == self.inner.size and length <= self.max_tail:
             self._tail_start, self._tail = offset, data

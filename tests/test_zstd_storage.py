@@ -161,3 +161,31 @@ def test_bad_chunk_type_and_end_offset_are_format_errors() -> None:
     assert entry is not None
     (chunk,) = index.chunks(entry)
     assert chunk.zeros and chunk.size == 10 and chunk.comp_offset == chunk.comp_end
+
+
+async def test_a_huge_hole_is_read_in_the_part_asked_for() -> None:
+    """A hole is zeros the TOC declares: a read makes only the bytes asked for (a sparse
+    file's hole may be terabytes), through the library reader, the mount's chunk reader and
+    iter_file, and nothing is fetched."""
+    import tracemalloc
+
+    from stargzfs.cache import ChunkCache
+    from stargzfs.reader import ChunkReader, FetchGate
+
+    size = 1 << 40
+    index = build([{"type": "reg", "name": "f", "size": size, "chunkType": "zeros"}])
+    entry = index.resolve("f")
+    assert entry is not None
+    source = CountingSource(BytesSource(b"\0" * 1000))
+    tracemalloc.start()
+    try:
+        assert await read_file_range(source, index, entry, size // 2, 4096) == bytes(4096)
+        reader = ChunkReader(source, index, ChunkCache(None), FetchGate())
+        assert await reader.read(entry, size - 100, 4096) == bytes(100)
+        pieces = iter_file(source, index, entry)
+        assert await pieces.__anext__() == bytes(1 << 20)
+        await pieces.aclose()
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+    assert source.reads == []

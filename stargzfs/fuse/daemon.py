@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import stat
 from collections.abc import Callable
 
 import pyfuse3
@@ -98,8 +99,13 @@ async def _fetch_layer(
             log.info("prefetched %d chunks of %s", count, name)
             if warm is not None:
                 paths = await trio.to_thread.run_sync(view.prioritized_paths, position)
+                # Only what the merged tree has as a regular file at that path (an upper
+                # layer may have put a symlink or a directory there).
+                paths = [p for p in paths if _is_regular(view, p)]
+                # Its own limiter: these threads wait on our own FUSE handlers, which need
+                # trio's default thread tokens (disk cache, inflate) to answer them.
                 done = await trio.to_thread.run_sync(
-                    _read_through, warm, paths, abandon_on_cancel=True
+                    _read_through, warm, paths, abandon_on_cancel=True, limiter=_warm_limiter()
                 )
                 log.info("%s: %d prioritized files in the kernel's caches", name, done)
         if rest:
@@ -109,18 +115,47 @@ async def _fetch_layer(
         log.warning("background fetch of %s failed: %s", name, e)
 
 
+def _warm_limiter() -> trio.CapacityLimiter:
+    """One warming thread at a time, per trio run."""
+    try:
+        return _WARM.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _WARM.set(limiter)
+        return limiter
+
+
+_WARM: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("stargzfs.warm")
+
+
+def _is_regular(view: ImageView, path: str) -> bool:
+    node = view.tree.resolve(path)
+    return node is not None and node.entry.kind == "reg"
+
+
 def _read_through(mountpoint: str, paths: list[str]) -> int:
-    """Read each file once through the mount (a worker thread: the event loop serves it)."""
+    """Read each file once through the mount (a worker thread: the event loop serves it).
+    Never follows a symlink and reads nothing but regular files, whatever the image holds."""
     done = 0
     for path in paths:
         try:
-            with open(os.path.join(mountpoint, path), "rb", buffering=0) as f:
-                while f.read(1 << 20):
-                    pass
-        except OSError as e:  # shadowed by an upper layer, unmounted meanwhile, EIO...
+            fd = os.open(
+                os.path.join(mountpoint, path),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
+        except OSError as e:  # unmounted meanwhile, EIO...
             log.debug("warming %s: %s", path, e)
             continue
-        done += 1
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            while os.read(fd, 1 << 20):
+                pass
+            done += 1
+        except OSError as e:
+            log.debug("warming %s: %s", path, e)
+        finally:
+            os.close(fd)
     return done
 
 
