@@ -85,6 +85,7 @@ __all__ = [
     "LANDMARK_CONTENTS",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
+    "TAR_TYPES",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
@@ -144,7 +145,8 @@ _OUT_BUFFER = 1 << 20
 # The in-memory part of the spooled TOC; small layers never touch the disk.
 _TOC_SPOOL_MEMORY = 8 << 20
 
-_TYPES: Mapping[bytes, str] = {
+#: tar typeflag -> TOC entry type (also what stargzfs.pull.tarstream reports per member)
+TAR_TYPES: Mapping[bytes, str] = {
     b"0": "reg",
     b"\x00": "reg",
     b"7": "reg",  # contiguous file: a regular file everywhere that matters
@@ -499,7 +501,7 @@ def _read_entry(
     what = f"tar entry {name!r}"
     if any(k.startswith("GNU.sparse.") for k in records) or typeflag == b"S":
         raise UnsupportedError(f"{what}: sparse files are not supported")
-    toc_type = _TYPES.get(typeflag)
+    toc_type = TAR_TYPES.get(typeflag)
     if toc_type is None:
         raise UnsupportedError(f"{what}: unsupported tar entry type {typeflag!r}")
     if toc_type == "reg" and typeflag == b"\x00" and name.endswith("/"):

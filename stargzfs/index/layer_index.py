@@ -341,17 +341,7 @@ class LayerIndex:
 
     def chunks(self, entry: Entry) -> list[Chunk]:
         """All chunks of a regular file, in file order (empty for an empty file)."""
-        if entry.kind != "reg" or entry.size == 0:
-            return []
-        single = self._single_chunk(entry)
-        if single is not None:
-            return [single]
-        return [
-            self._chunk(*row)
-            for row in self._db.execute(
-                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE entry=? ORDER BY foff", (entry.id,)
-            )
-        ]
+        return self.chunks_for(entry, 0, entry.size)
 
     def chunks_for(self, entry: Entry, offset: int, length: int) -> list[Chunk]:
         """The chunks holding bytes ``[offset, offset+length)`` of a file (clipped to EOF).

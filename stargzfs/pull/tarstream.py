@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
+from ..formats.estargz_writer import TAR_TYPES
 
 __all__ = ["TarFormatError", "TarMember", "TarReader"]
 
@@ -50,17 +51,7 @@ _BUFSIZE = 1 << 20
 _MAX_EXTENSION = 64 << 20  # the largest pax / long-name header payload read into memory
 
 #: typeflag -> kind (what :attr:`TarMember.type` holds); others are "other"
-TYPES: dict[bytes, str] = {
-    b"0": "reg",
-    b"\x00": "reg",
-    b"7": "reg",  # contiguous file: a regular file everywhere but on ancient Masscomp
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
+TYPES = TAR_TYPES
 #: kinds whose size counts no data in the archive (as tarfile and Go's archive/tar read it)
 _NO_DATA = frozenset({"hardlink", "symlink", "char", "block", "dir", "fifo"})
 _EXTENSIONS = frozenset({b"x", b"X", b"g", b"L", b"K"})
