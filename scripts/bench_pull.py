@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
 
+
 def build_layout(root: Path, work: Path) -> tuple[Path, int, int, int]:
     """The benchmark image of ``scripts/bench_image.py`` (Debian minbase, python3, a small app
     with a 100 MiB file) as plain gzip layers in an OCI layout (tag v1); built once under
@@ -197,7 +198,7 @@ def bench_inflaters(blobs: list[Path]) -> None:
     """Decompress (and hash, as the pull does) the image's layers with each gzip backend."""
     code = (
         f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-        "from stargzfs.pull.extract import Decompressor, gzip_backend\n"
+        "from stargzfs.pull.decompress import Decompressor, gzip_backend\n"
         "t = time.perf_counter(); n = 0\n"
         "for path in sys.argv[1:]:\n"
         "    with open(path, 'rb') as f:\n"

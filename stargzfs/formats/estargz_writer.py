@@ -75,7 +75,7 @@ from typing import IO, Any, Protocol
 from ..errors import FormatError, NotFoundError, UnsafePathError, UnsupportedError, UsageError
 from .footer import estargz_footer
 from .gzip_members import MemberWriter, compress_member_parts
-from .toc import clean_name
+from .toc import TAR_TYPES, clean_name
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -85,7 +85,6 @@ __all__ = [
     "LANDMARK_CONTENTS",
     "NO_PREFETCH_LANDMARK",
     "PREFETCH_LANDMARK",
-    "TAR_TYPES",
     "TOC_DIGEST_ANNOTATION",
     "TOC_TAR_NAME",
     "UNCOMPRESSED_SIZE_ANNOTATION",
@@ -144,19 +143,6 @@ _READ_SIZE = 1 << 20
 _OUT_BUFFER = 1 << 20
 # The in-memory part of the spooled TOC; small layers never touch the disk.
 _TOC_SPOOL_MEMORY = 8 << 20
-
-#: tar typeflag -> TOC entry type (also what stargzfs.pull.tarstream reports per member)
-TAR_TYPES: Mapping[bytes, str] = {
-    b"0": "reg",
-    b"\x00": "reg",
-    b"7": "reg",  # contiguous file: a regular file everywhere that matters
-    b"1": "hardlink",
-    b"2": "symlink",
-    b"3": "char",
-    b"4": "block",
-    b"5": "dir",
-    b"6": "fifo",
-}
 
 _TOC_KEYS = (
     "name",

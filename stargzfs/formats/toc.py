@@ -12,7 +12,7 @@ import functools
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import FormatError, UnsafePathError
@@ -22,6 +22,7 @@ __all__ = [
     "HIDDEN_NAMES",
     "LANDMARK_NO_PREFETCH",
     "LANDMARK_PREFETCH",
+    "TAR_TYPES",
     "TOC_TAR_NAME",
     "clean_name",
     "iter_toc_batches",
@@ -35,6 +36,18 @@ LANDMARK_PREFETCH = ".prefetch.landmark"
 LANDMARK_NO_PREFETCH = ".no.prefetch.landmark"
 HIDDEN_NAMES = frozenset({TOC_TAR_NAME, LANDMARK_PREFETCH, LANDMARK_NO_PREFETCH})
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+#: tar typeflag -> TOC entry type (the writer's, and the kind stargzfs.pull.tarstream reports)
+TAR_TYPES: Mapping[bytes, str] = {
+    b"0": "reg",
+    b"\x00": "reg",
+    b"7": "reg",  # contiguous file: a regular file everywhere that matters
+    b"1": "hardlink",
+    b"2": "symlink",
+    b"3": "char",
+    b"4": "block",
+    b"5": "dir",
+    b"6": "fifo",
+}
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()

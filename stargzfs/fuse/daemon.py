@@ -74,9 +74,7 @@ async def serve(
             for position in range(len(view.layers)):
                 # Warming the kernel reads through the mount: that would record accesses.
                 warm = mountpoint if record_access is None else None
-                nursery.start_soon(
-                    _fetch_layer, view, position, prefetch, background_fetch, warm
-                )
+                nursery.start_soon(_fetch_layer, view, position, prefetch, background_fetch, warm)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:

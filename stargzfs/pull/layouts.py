@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import DigestMismatchError
 from ..image import OCI_INDEX, REF_NAME, Descriptor
 from ..reference import parse_digest
-from .extract import open_decompressed
+from .decompress import open_decompressed
 
 __all__ = [
     "DIR_VERSION",

@@ -6,8 +6,10 @@ parallel (``jobs`` at a time, bottom layer first) into the content-addressed blo
 resuming ``.partial`` files left by an interrupted run and verifying each blob's sha256. For
 a rootfs a worker thread applies the layers bottom to top *while they download*: it reads
 each blob as it grows on disk, decompresses and untars it into a staging directory next to
-DEST, and checks the uncompressed bytes against the config's diff_id. Only when everything
-verified is the staging directory renamed to DEST; on any failure it is removed.
+DEST, and checks the uncompressed bytes against the config's diff_id. The apply itself runs in
+a child process (:mod:`.apply_process`, started before the image is resolved) so it has a
+core of its own. Only when everything verified is the staging directory renamed to DEST; on
+any failure it is removed.
 """
 
 from __future__ import annotations
@@ -38,14 +40,8 @@ from ..image import (
     resolve_image,
 )
 from ..reference import Platform, Reference, parse_reference
+from .apply_process import LayerApplyProcess
 from .blob_cache import BlobCache, default_cache_dir
-from .extract import (
-    Decompressor,
-    LayerApplier,
-    ProcessDecompressor,
-    ThreadedDecompressor,
-    open_decompressed,
-)
 from .fetch import BlobDownload, FetchStats, fetch_blob
 from .layouts import ImageBlobs, write_dir, write_docker_archive, write_oci_layout
 from .progress import Progress, human_bytes
@@ -60,8 +56,6 @@ log = logging.getLogger(__name__)
 Format = Literal["rootfs", "oci", "docker-archive", "dir"]
 FORMATS: tuple[str, ...] = ("rootfs", "oci", "docker-archive", "dir")
 _MAX_CONFIG = 8 * 1024 * 1024
-# Compressed layers at least this big are decompressed in a child process (its own core).
-_PROCESS_INFLATE_MIN = 2 * 1024 * 1024
 
 
 @dataclass
@@ -237,6 +231,24 @@ async def _pull(
     client: RegistryClient, ref: Reference, dest: Path, opts: PullOptions
 ) -> PullResult:
     started = time.monotonic()
+    # started first: its imports overlap the registry round trips
+    applier = LayerApplyProcess() if opts.format == "rootfs" else None
+    try:
+        return await _pull_with(client, ref, dest, opts, started, applier)
+    finally:
+        if applier is not None:
+            applier.kill()
+            applier.close()
+
+
+async def _pull_with(
+    client: RegistryClient,
+    ref: Reference,
+    dest: Path,
+    opts: PullOptions,
+    started: float,
+    applier: LayerApplyProcess | None,
+) -> PullResult:
     progress = Progress(opts.progress_stream, quiet=opts.quiet, interval=opts.progress_interval)
     index_raw = index_digest = index_media_type = None
     if opts.all_platforms:
@@ -267,7 +279,7 @@ async def _pull(
             staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest, "stage")))
         result = PullResult(dest, [img.digest for img in images], len(downloads), stats, 0.0)
         await _download_and_build(
-            client, ref, images, downloads, cache, stats, progress, staging, opts, result
+            client, ref, images, downloads, cache, stats, progress, staging, opts, result, applier
         )
         if opts.format != "rootfs":
             await trio.to_thread.run_sync(
@@ -352,6 +364,7 @@ async def _download_and_build(
     staging: Path,
     opts: PullOptions,
     result: PullResult,
+    applier: LayerApplyProcess | None,
 ) -> None:
     limiter = trio.CapacityLimiter(opts.jobs)
     abort = threading.Event()
@@ -373,12 +386,13 @@ async def _download_and_build(
             if abort.is_set():
                 return
             img = images[0]
+            assert applier is not None
             _apply_layers(
+                applier,
                 staging,
                 img.manifest.layers,
                 img.config.diff_ids,
                 downloads,
-                abort,
                 result,
                 progress,
             )
@@ -400,6 +414,8 @@ async def _download_and_build(
             nursery.cancel_scope.cancel()
     except BaseException as e:
         abort.set()
+        if applier is not None:
+            applier.kill()  # a blocked apply returns at once
         for dl in downloads.values():
             dl.cancel()
         if opts.format == "rootfs" and thread_started.is_set():
@@ -434,68 +450,47 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
 
 
 def _apply_layers(
+    applier: LayerApplyProcess,
     staging: Path,
     layers: Sequence[Descriptor],
     diff_ids: Sequence[str],
     downloads: dict[str, BlobDownload],
-    abort: threading.Event,
     result: PullResult,
     progress: Progress | None = None,
 ) -> None:
-    def check() -> None:
-        if abort.is_set():
-            raise StargzfsError("pull aborted")
-
-    with LayerApplier(str(staging)) as applier:
-        applier.check_interrupt = check
-        for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
-            dl = downloads[layer.digest]
-            what = f"layer {i} ({layer.digest})"
-            if progress is not None:
-                progress.stage = f"applying layer {i + 1}/{len(layers)}"
-            compression = layer.compression or "none"
-            in_process = layer.size >= _PROCESS_INFLATE_MIN and compression != "none"
-            try:
-                with dl.reader() as raw:
-                    stream: Decompressor | ThreadedDecompressor | ProcessDecompressor
-                    if in_process:
-                        # the child reads the file itself, following it as it downloads;
-                        # if the download fails it is killed, so the tar sees the end
-                        proc = ProcessDecompressor(
-                            None, compression, dl.open_when_started(), follow_size=layer.size
-                        )
-                        dl.on_failure(proc.kill)
-                        stream = proc
-                    else:
-                        stream = open_decompressed(raw, compression, hash_output=True)
-                    try:
-                        applier.apply(stream, what)
-                        stream.drain()
-                    finally:
-                        dl.forget_failure_hooks()
-                        stream.close()
-                    assert stream.hasher is not None
-                    actual = "sha256:" + stream.hasher.hexdigest()
-            except StargzfsError:
-                # Bytes that fail to parse may be bytes that fail their digest (a corrupt
-                # resume prefix, a tampered stream, a damaged cache file) or a download that
-                # failed: let the check finish and report that (which also discards a bad
-                # blob).
-                error = dl.wait_verified()
-                if error is not None and not dl.cancelled:
-                    raise error from None
-                raise
-            # A blob read straight from disk may still be being hashed: wait for the verdict.
-            error = dl.wait_verified()
-            if error is not None:
-                raise error
-            if actual != diff_id:
-                raise DigestMismatchError(
-                    f"{what}: uncompressed content (diff_id)", diff_id, actual
-                )
-        applier.finish()
+    applier.set_root(staging)
+    for i, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True)):
+        dl = downloads[layer.digest]
+        what = f"layer {i} ({layer.digest})"
         if progress is not None:
-            progress.stage = "done"
-        result.files = applier.stats.files
-        result.bytes_written = applier.stats.bytes
-        result.skipped_devices = applier.stats.skipped_devices
+            progress.stage = f"applying layer {i + 1}/{len(layers)}"
+        try:
+            fd = dl.open_when_started()
+            try:
+                # if the download fails the child is killed, and apply() raises
+                dl.on_failure(applier.kill)
+                actual = applier.apply(fd, layer.size, layer.compression or "none", what)
+            finally:
+                dl.forget_failure_hooks()
+                os.close(fd)
+        except StargzfsError:
+            # Bytes that fail to parse may be bytes that fail their digest (a corrupt
+            # resume prefix, a tampered stream, a damaged cache file) or a download that
+            # failed: let the check finish and report that (which also discards a bad
+            # blob).
+            error = dl.wait_verified()
+            if error is not None and not dl.cancelled:
+                raise error from None
+            raise
+        # A blob read straight from disk may still be being hashed: wait for the verdict.
+        error = dl.wait_verified()
+        if error is not None:
+            raise error
+        if actual != diff_id:
+            raise DigestMismatchError(f"{what}: uncompressed content (diff_id)", diff_id, actual)
+    stats = applier.finish()
+    if progress is not None:
+        progress.stage = "done"
+    result.files = stats["files"]
+    result.bytes_written = stats["bytes"]
+    result.skipped_devices = stats["skipped_devices"]

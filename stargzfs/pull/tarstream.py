@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
-from ..formats.estargz_writer import TAR_TYPES
+from ..formats.toc import TAR_TYPES
 
 __all__ = ["TarFormatError", "TarMember", "TarReader"]
 

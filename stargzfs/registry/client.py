@@ -387,7 +387,10 @@ class RegistryClient:
             stats.requests += 1
         log.debug(
             "%s %s → %d (%s)",
-            method, _redact(request.url), response.status_code, response.http_version,
+            method,
+            _redact(request.url),
+            response.status_code,
+            response.http_version,
         )
         return response
 
