@@ -161,9 +161,18 @@ def build_python(work: Path, base: Path) -> Path:
     with chroot_mounts(tmp):
         run(["chroot", str(tmp), "apt-get", "update", "-qq"], env=env)
         run(
-            ["chroot", str(tmp), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
-             "python3"],
-            env=env, stdout=subprocess.DEVNULL,
+            [
+                "chroot",
+                str(tmp),
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "python3",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
     clean_apt(tmp)
     # A common image-build step, and it gives the diff layer whiteouts to carry.

@@ -143,7 +143,10 @@ class Registry:
             with open(self.root / "registry.log", "ab") as logf:
                 self.proc = subprocess.Popen(
                     [binary, "serve", str(cfg)],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=env,
                 )
             deadline = time.monotonic() + 10
             while self.proc.poll() is None and time.monotonic() < deadline:
@@ -166,10 +169,19 @@ class Registry:
     def push(self, layout: Path, tag: str, dest: str) -> str:
         ref = f"{self.host}/{dest}"
         subprocess.run(
-            ["skopeo", "--insecure-policy", "copy", "--quiet", "--preserve-digests",
-             "--dest-tls-verify=false", "--dest-no-creds", f"oci:{layout}:{tag}",
-             f"docker://{ref}"],
-            check=True, timeout=600,
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                "--dest-no-creds",
+                f"oci:{layout}:{tag}",
+                f"docker://{ref}",
+            ],
+            check=True,
+            timeout=600,
         )
         return ref
 
@@ -270,7 +282,8 @@ def wait_prefetch(mnt: Path, timeout: float = 10.0) -> dict[str, Any] | None:
         if stats is None:
             return None
         running = [
-            layer for layer in stats.get("layers", [])
+            layer
+            for layer in stats.get("layers", [])
             if str(layer.get("prefetch", "")).startswith("running")
         ]
         if not running or time.monotonic() > deadline:
@@ -392,9 +405,18 @@ def skopeo_pull_extract(ref: str, layout: Path, rootfs: Path) -> None:
     """``skopeo copy`` to an OCI layout, then GNU tar per layer with whiteouts applied."""
     shutil.rmtree(layout, ignore_errors=True)
     subprocess.run(
-        ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
-         "--src-no-creds", f"docker://{ref}", f"oci:{layout}:bench"],
-        check=True, timeout=600,
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--src-no-creds",
+            f"docker://{ref}",
+            f"oci:{layout}:bench",
+        ],
+        check=True,
+        timeout=600,
     )
     index = json.loads((layout / "index.json").read_text())
     digest = index["manifests"][0]["digest"].removeprefix("sha256:")
@@ -404,7 +426,9 @@ def skopeo_pull_extract(ref: str, layout: Path, rootfs: Path) -> None:
         blob = layout / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
         res = subprocess.run(
             ["tar", "--numeric-owner", "-xzvf", str(blob), "-C", str(rootfs)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         apply_whiteouts(rootfs, res.stdout.splitlines())
 
@@ -449,12 +473,29 @@ def synthetic_blob(work: Path, n: int) -> img.Blob:
         name = f"{dirs[-1]}/file-{i:07d}.{rnd.choice(['py', 'so', 'txt', 'h', 'json'])}"
         r = rnd.random()
         if r < 0.05:
-            emit({"name": name, "type": "symlink", "linkName": "../x", "mode": 0o777,
-                  "modtime": mtime})
+            emit(
+                {
+                    "name": name,
+                    "type": "symlink",
+                    "linkName": "../x",
+                    "mode": 0o777,
+                    "modtime": mtime,
+                }
+            )
         else:
             digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
-            emit({"name": name, "type": "reg", "size": rnd.randint(1, 40000), "mode": 0o644,
-                  "modtime": mtime, "offset": offset, "digest": digest, "chunkDigest": digest})
+            emit(
+                {
+                    "name": name,
+                    "type": "reg",
+                    "size": rnd.randint(1, 40000),
+                    "mode": 0o644,
+                    "modtime": mtime,
+                    "offset": offset,
+                    "digest": digest,
+                    "chunkDigest": digest,
+                }
+            )
             offset += 16
         i += 1
     toc.write(b"]}")
@@ -465,7 +506,9 @@ def synthetic_blob(work: Path, n: int) -> img.Blob:
     info = tarfile.TarInfo("stargz.index.json")
     info.size = len(toc_json)
     toc_tar = (
-        info.tobuf(format=tarfile.USTAR_FORMAT) + toc_json + bytes((-len(toc_json)) % 512)
+        info.tobuf(format=tarfile.USTAR_FORMAT)
+        + toc_json
+        + bytes((-len(toc_json)) % 512)
         + bytes(1024)
     )
     member = gzip.compress(toc_tar, compresslevel=6, mtime=0)
@@ -483,8 +526,8 @@ def synthetic_blob(work: Path, n: int) -> img.Blob:
         "sha256:" + diff.hexdigest(),
         img.LAYER_GZIP,
         {
-            "containerd.io/snapshot/stargz/toc.digest":
-                "sha256:" + hashlib.sha256(toc_json).hexdigest(),
+            "containerd.io/snapshot/stargz/toc.digest": "sha256:"
+            + hashlib.sha256(toc_json).hexdigest(),
             "io.containers.estargz.uncompressed-size": str(len(zeros) + len(toc_tar)),
         },
     )
@@ -536,7 +579,11 @@ def cleanup(registry: Registry, mounts: list[Path]) -> Iterator[None]:
 
 
 def record_prioritized(
-    work: Path, reg: Registry, tars: dict[str, Path], noprio: list[img.Blob], run_dir: Path,
+    work: Path,
+    reg: Registry,
+    tars: dict[str, Path],
+    noprio: list[img.Blob],
+    run_dir: Path,
     mounts: list[Path],
 ) -> list[str] | None:
     """Paths the workload reads, recorded through ``--record-access`` (cached per image)."""
@@ -588,7 +635,9 @@ def pull_stargzfs(ref: str, dest: Path, pull_help: str) -> float | None:
     t = time.perf_counter()
     p = subprocess.run(
         [stargzfs_bin(), "pull", ref, str(dest), "--format", "rootfs", *extra],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.perf_counter() - t
     if p.returncode != 0:
@@ -607,18 +656,22 @@ def pull_skopeo(ref: str, layout: Path, dest: Path) -> float:
 def head_commit() -> str:
     root = os.path.join(HERE, "..")
     rev = subprocess.run(
-        ["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+        ["git", "-C", root, "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
         check=False,
     ).stdout.strip()
     dirty = subprocess.run(
         ["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "stargzfs"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     return rev[:70] + (" (+ uncommitted changes in stargzfs/)" if dirty else "")
 
 
 def spread(values: Sequence[float]) -> str:
-    """" (median of N, min–max)" for repeated figures."""
+    """ " (median of N, min–max)" for repeated figures."""
     if len(values) < 2:
         return ""
     return f"median of {len(values)}, {min(values):.3f}–{max(values):.3f}"
@@ -634,8 +687,12 @@ def main() -> None:
     )
     ap.add_argument("--work", type=Path, default=img.DEFAULT_WORK)
     ap.add_argument("--rebuild", action="store_true", help="rebuild the image from scratch")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="repetitions of (1), (2), (3) (medians are printed; default 3)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="repetitions of (1), (2), (3) (medians are printed; default 3)",
+    )
     ap.add_argument("--entries", type=int, default=1_000_000, help="synthetic layer size")
     ap.add_argument("--no-synthetic", action="store_true", help="skip the synthetic layer")
     args = ap.parse_args()
@@ -665,7 +722,8 @@ def main() -> None:
     res.header.append(
         f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; workload: chroot DIR "
-        + " ".join(WORKLOAD[:2]) + f" '{WORKLOAD[2]}'; repeated figures are medians of "
+        + " ".join(WORKLOAD[:2])
+        + f" '{WORKLOAD[2]}'; repeated figures are medians of "
         f"{args.repeat}"
     )
     reg = Registry(work / "registry")
@@ -683,17 +741,26 @@ def main() -> None:
 
 
 def measure(
-    args: argparse.Namespace, work: Path, run_dir: Path, reg: Registry, mounts: list[Path],
-    tars: dict[str, Path], gz: list[img.Blob], gz_small: list[img.Blob], noprio: list[img.Blob],
+    args: argparse.Namespace,
+    work: Path,
+    run_dir: Path,
+    reg: Registry,
+    mounts: list[Path],
+    tars: dict[str, Path],
+    gz: list[img.Blob],
+    gz_small: list[img.Blob],
+    noprio: list[img.Blob],
     res: Results,
 ) -> None:
     reps = max(1, args.repeat)
     mount_help = command_help("mount")
     pull_help = command_help("pull")
-    gz_ref = reg.push(img.write_oci_layout(work / "oci" / "gzip", gz, "bench"), "bench",
-                      f"{REPO}:gzip")
+    gz_ref = reg.push(
+        img.write_oci_layout(work / "oci" / "gzip", gz, "bench"), "bench", f"{REPO}:gzip"
+    )
     gz_small_ref = reg.push(
-        img.write_oci_layout(work / "oci" / "gzip-small", gz_small, "bench"), "bench",
+        img.write_oci_layout(work / "oci" / "gzip-small", gz_small, "bench"),
+        "bench",
         f"{REPO}:gzip-small",
     )
     esgz = noprio
@@ -709,15 +776,19 @@ def measure(
             + ", ".join(f"{k} {len(v)}" for k, v in prio.items())
         )
         esgz = [img.estargz_blob(work, n, tars[n], prio[n]) for n in img.LAYER_NAMES]
-    esgz_ref = reg.push(img.write_oci_layout(work / "oci" / "esgz", esgz, "bench"), "bench",
-                        f"{REPO}:esgz")
+    esgz_ref = reg.push(
+        img.write_oci_layout(work / "oci" / "esgz", esgz, "bench"), "bench", f"{REPO}:esgz"
+    )
     image_size = sum(b.size for b in esgz)
-    res.add("image: compressed eStargz / gzip",
-            f"{image_size / 1e6:.1f} / {sum(b.size for b in gz) / 1e6:.1f} MB",
-            f"gzip without the 100 MiB file: {sum(b.size for b in gz_small) / 1e6:.1f} MB")
-    res.add("image: eStargz layers (MB)",
-            " + ".join(f"{n} {b.size / 1e6:.1f}" for n, b in zip(img.LAYER_NAMES, esgz,
-                                                                    strict=True)))
+    res.add(
+        "image: compressed eStargz / gzip",
+        f"{image_size / 1e6:.1f} / {sum(b.size for b in gz) / 1e6:.1f} MB",
+        f"gzip without the 100 MiB file: {sum(b.size for b in gz_small) / 1e6:.1f} MB",
+    )
+    res.add(
+        "image: eStargz layers (MB)",
+        " + ".join(f"{n} {b.size / 1e6:.1f}" for n, b in zip(img.LAYER_NAMES, esgz, strict=True)),
+    )
 
     # (1) full pull + extract + workload, (4) the workload in the extracted directory
     baselines: dict[str, float] = {}
@@ -744,24 +815,38 @@ def measure(
             else:
                 shutil.rmtree(dest)
         baselines[key] = median(totals)
-        res.add(label + " + workload", f"{median(totals):.2f} s",
-                f"pull {median(pulls):.2f} s; {spread(totals)}")
+        res.add(
+            label + " + workload",
+            f"{median(totals):.2f} s",
+            f"pull {median(pulls):.2f} s; {spread(totals)}",
+        )
 
     if pull_help is not None:
-        baseline("(1) stargzfs pull --format rootfs", "(1) stargzfs pull", gz_ref, "stargzfs",
-                 True)
-        baseline("    same, image without the 100 MiB file", "(1) without 100 MiB file",
-                 gz_small_ref, "stargzfs", False)
+        baseline("(1) stargzfs pull --format rootfs", "(1) stargzfs pull", gz_ref, "stargzfs", True)
+        baseline(
+            "    same, image without the 100 MiB file",
+            "(1) without 100 MiB file",
+            gz_small_ref,
+            "stargzfs",
+            False,
+        )
     else:
         note("`stargzfs pull` is not available: baseline is skopeo + tar only")
-    baseline("(1') skopeo copy + tar -x + whiteouts", "(1') skopeo + tar", gz_ref, "skopeo",
-             True)
-    baseline("    same, image without the 100 MiB file", "(1') without 100 MiB file",
-             gz_small_ref, "skopeo", False)
+    baseline("(1') skopeo copy + tar -x + whiteouts", "(1') skopeo + tar", gz_ref, "skopeo", True)
+    baseline(
+        "    same, image without the 100 MiB file",
+        "(1') without 100 MiB file",
+        gz_small_ref,
+        "skopeo",
+        False,
+    )
 
     local = [run_workload(local_root) for _ in range(max(5, reps))]
-    res.add("(4) local dir: workload", f"{local[0]:.3f} s",
-            f"first run; later runs {spread(local[1:])} → {median(local[1:]):.3f}")
+    res.add(
+        "(4) local dir: workload",
+        f"{local[0]:.3f} s",
+        f"first run; later runs {spread(local[1:])} → {median(local[1:]):.3f}",
+    )
     local_first = local[0]
 
     if mount_help is None:
@@ -778,53 +863,80 @@ def measure(
     cache = run_dir / f"cache-{reps - 1}"
     cold_total = median([c.total for c in colds])
     cold_ready = median([c.ready for c in colds])
-    res.add("(2) cold mount + workload", f"{cold_total:.3f} s",
-            f"mount {cold_ready:.3f} + run {median([c.first for c in colds]):.3f}; "
-            + spread([c.total for c in colds]))
+    res.add(
+        "(2) cold mount + workload",
+        f"{cold_total:.3f} s",
+        f"mount {cold_ready:.3f} + run {median([c.first for c in colds]):.3f}; "
+        + spread([c.total for c in colds]),
+    )
     for name, base in baselines.items():
-        res.add(f"    speed-up vs {name}", f"{base / cold_total:.1f}x",
-                verdict(base / cold_total >= 4, "target ≥4x"))
-    res.add("    mount ready (cold)", f"{cold_ready:.3f} s",
-            verdict(cold_ready < 1, "target <1 s") + " " + spread([c.ready for c in colds]))
+        res.add(
+            f"    speed-up vs {name}",
+            f"{base / cold_total:.1f}x",
+            verdict(base / cold_total >= 4, "target ≥4x"),
+        )
+    res.add(
+        "    mount ready (cold)",
+        f"{cold_ready:.3f} s",
+        verdict(cold_ready < 1, "target <1 s") + " " + spread([c.ready for c in colds]),
+    )
     first = colds[0]
     fetched = fetched_bytes(first.stats)
     if first.stats and fetched:
         total = sum(fetched)
-        res.add("    bytes fetched / compressed image",
-                f"{total / 1e6:.2f} MB = {pct(total, image_size)}",
-                verdict(total <= 0.2 * image_size, "target ≤20 %"))
+        res.add(
+            "    bytes fetched / compressed image",
+            f"{total / 1e6:.2f} MB = {pct(total, image_size)}",
+            verdict(total <= 0.2 * image_size, "target ≤20 %"),
+        )
         runtime_size = sum(b.size for b in esgz[:2])
-        res.add("    ... of base+python layers only",
-                f"{sum(fetched[:2]) / 1e6:.2f} MB = {pct(sum(fetched[:2]), runtime_size)}")
-        res.add("    per layer: MB fetched/requests", per_layer(first.stats),
-                cache_summary(first.stats))
-        res.add("    prefetch", "; ".join(str(layer.get("prefetch"))
-                                           for layer in first.stats["layers"]))
+        res.add(
+            "    ... of base+python layers only",
+            f"{sum(fetched[:2]) / 1e6:.2f} MB = {pct(sum(fetched[:2]), runtime_size)}",
+        )
+        res.add(
+            "    per layer: MB fetched/requests", per_layer(first.stats), cache_summary(first.stats)
+        )
+        res.add(
+            "    prefetch", "; ".join(str(layer.get("prefetch")) for layer in first.stats["layers"])
+        )
     else:
         note(f"no stats from {STATS_XATTR}: bytes fetched not reported")
     t_find, n_find = find_count(mnt)
     t_find2, _ = find_count(mnt)
     t_find_l, _ = find_count(local_root)
-    res.add("find | wc -l: cold mount / again / local", f"{t_find:.3f} / {t_find2:.3f} / "
-            f"{t_find_l:.3f} s", f"{n_find} entries")
+    res.add(
+        "find | wc -l: cold mount / again / local",
+        f"{t_find:.3f} / {t_find2:.3f} / {t_find_l:.3f} s",
+        f"{n_find} entries",
+    )
     big = img.BIG_FILE
     cold_tp = read_throughput(mnt / big)
     warm_tp = read_throughput(mnt / big)
     drop_file_cache(local_root / big)
     local_cold_tp = read_throughput(local_root / big)
     local_warm_tp = read_throughput(local_root / big)
-    res.add("100 MiB file, cold sequential read: mount / local",
-            f"{cold_tp:.0f} / {local_cold_tp:.0f} MB/s")
-    res.add("100 MiB file, warm (page cache): mount / local",
-            f"{warm_tp:.0f} / {local_warm_tp:.0f} MB/s", f"ratio {warm_tp / local_warm_tp:.2f}")
+    res.add(
+        "100 MiB file, cold sequential read: mount / local",
+        f"{cold_tp:.0f} / {local_cold_tp:.0f} MB/s",
+    )
+    res.add(
+        "100 MiB file, warm (page cache): mount / local",
+        f"{warm_tp:.0f} / {local_warm_tp:.0f} MB/s",
+        f"ratio {warm_tp / local_warm_tp:.2f}",
+    )
     rss_after, hwm = daemon_rss(mnt)
-    res.add("daemon RSS: mounted / after all reads (peak)",
-            f"{colds[-1].rss_ready:.0f} / {rss_after:.0f} MB ({hwm:.0f})")
+    res.add(
+        "daemon RSS: mounted / after all reads (peak)",
+        f"{colds[-1].rss_ready:.0f} / {rss_after:.0f} MB ({hwm:.0f})",
+    )
     stats_after = mount_stats(mnt)
     if stats_after:
-        res.add("fetched after reading the 100 MiB file",
-                f"{sum(fetched_bytes(stats_after)) / 1e6:.1f} MB",
-                f"{sum(int(la.get('requests') or 0) for la in stats_after['layers'])} requests")
+        res.add(
+            "fetched after reading the 100 MiB file",
+            f"{sum(fetched_bytes(stats_after)) / 1e6:.1f} MB",
+            f"{sum(int(la.get('requests') or 0) for la in stats_after['layers'])} requests",
+        )
     umount(mnt)
 
     # (3) warm remount with the cache dir of the last cold mount
@@ -836,39 +948,58 @@ def measure(
     warm_runs = [w.first for w in warms]
     more = [run_workload(mnt) for _ in range(5)]
     warm_first = median(warm_runs)
-    res.add("(3) warm remount + workload", f"{median([w.total for w in warms]):.3f} s",
-            f"mount {median([w.ready for w in warms]):.3f} + run {warm_first:.3f}; "
-            + spread([w.total for w in warms]))
-    res.add("    ratio (3)/(4), first run after (re)mount", f"{warm_first / local_first:.2f}x",
-            verdict(warm_first / local_first <= 1.5, "target ≤1.5x"))
-    res.add("    ratio (3)/(4), later runs (page cache warm)",
-            f"{median(more) / median(local[1:]):.2f}x",
-            f"{median(more):.3f} vs {median(local[1:]):.3f} s")
+    res.add(
+        "(3) warm remount + workload",
+        f"{median([w.total for w in warms]):.3f} s",
+        f"mount {median([w.ready for w in warms]):.3f} + run {warm_first:.3f}; "
+        + spread([w.total for w in warms]),
+    )
+    res.add(
+        "    ratio (3)/(4), first run after (re)mount",
+        f"{warm_first / local_first:.2f}x",
+        verdict(warm_first / local_first <= 1.5, "target ≤1.5x"),
+    )
+    res.add(
+        "    ratio (3)/(4), later runs (page cache warm)",
+        f"{median(more) / median(local[1:]):.2f}x",
+        f"{median(more):.3f} vs {median(local[1:]):.3f} s",
+    )
     last = warms[-1].stats
     if last is not None:
-        res.add("    fetched from the registry after warm remount",
-                f"{sum(fetched_bytes(last)) / 1e6:.2f} MB",
-                "prefetch: " + "; ".join(str(la.get("prefetch")) for la in last["layers"]))
+        res.add(
+            "    fetched from the registry after warm remount",
+            f"{sum(fetched_bytes(last)) / 1e6:.2f} MB",
+            "prefetch: " + "; ".join(str(la.get("prefetch")) for la in last["layers"]),
+        )
         res.add("    per layer: MB fetched/requests", per_layer(last), cache_summary(last))
     umount(mnt)
     dropped = drop_tree_cache(local_root)
     local_cold = run_workload(local_root)
-    res.add("(4') local dir, its files' page cache dropped", f"{local_cold:.3f} s",
-            f"ratio (3)/(4') {warm_first / local_cold:.2f}x ({dropped} files dropped)")
+    res.add(
+        "(4') local dir, its files' page cache dropped",
+        f"{local_cold:.3f} s",
+        f"ratio (3)/(4') {warm_first / local_cold:.2f}x ({dropped} files dropped)",
+    )
 
     # Diagnosis: the same without background prefetch.
     if "--no-prefetch" in mount_help:
         cache_np = run_dir / "cache-noprefetch"
         cold_np = mount_and_run(esgz_ref, mnt, cache_np, "--no-prefetch")
-        res.add("(2b) cold mount --no-prefetch + workload", f"{cold_np.total:.3f} s",
-                f"mount {cold_np.ready:.3f} + run {cold_np.first:.3f}; "
-                f"{sum(fetched_bytes(cold_np.stats)) / 1e6:.2f} MB fetched")
+        res.add(
+            "(2b) cold mount --no-prefetch + workload",
+            f"{cold_np.total:.3f} s",
+            f"mount {cold_np.ready:.3f} + run {cold_np.first:.3f}; "
+            f"{sum(fetched_bytes(cold_np.stats)) / 1e6:.2f} MB fetched",
+        )
         umount(mnt)
         warm_np = mount_and_run(esgz_ref, mnt, cache_np, "--no-prefetch")
-        res.add("(3b) warm remount --no-prefetch + workload", f"{warm_np.total:.3f} s",
-                f"mount {warm_np.ready:.3f} + run {warm_np.first:.3f}; "
-                f"ratio to (4) {warm_np.first / local_first:.2f}x; "
-                f"{sum(fetched_bytes(warm_np.stats)) / 1e6:.2f} MB fetched")
+        res.add(
+            "(3b) warm remount --no-prefetch + workload",
+            f"{warm_np.total:.3f} s",
+            f"mount {warm_np.ready:.3f} + run {warm_np.first:.3f}; "
+            f"ratio to (4) {warm_np.first / local_first:.2f}x; "
+            f"{sum(fetched_bytes(warm_np.stats)) / 1e6:.2f} MB fetched",
+        )
         umount(mnt)
 
     if args.no_synthetic:
@@ -887,7 +1018,8 @@ def synthetic(
     blob = synthetic_blob(work, entries)
     note(f"synthetic blob {blob.size / 1e6:.1f} MB ({time.monotonic() - t:.1f} s)")
     ref = reg.push(
-        img.write_oci_layout(work / "oci" / "synthetic", [blob], "bench"), "bench",
+        img.write_oci_layout(work / "oci" / "synthetic", [blob], "bench"),
+        "bench",
         f"{SYNTH_REPO}:{entries}",
     )
     smnt = run_dir / "mnt-synthetic"
@@ -895,20 +1027,30 @@ def synthetic(
     scache = run_dir / "cache-synthetic"
     s_ready = mount(ref, smnt, scache)
     s_rss, s_hwm = daemon_rss(smnt)
-    res.add(f"synthetic {entries:,} entries: mount (cold)", f"{s_ready:.2f} s",
-            f"TOC-only blob {blob.size / 1e6:.1f} MB")
-    res.add("    daemon RSS after mounting", f"{s_rss:.0f} MB",
-            verdict(s_rss < 400, "target <400 MB"))
-    res.add("    daemon peak RSS (VmHWM, index build)", f"{s_hwm:.0f} MB",
-            verdict(s_hwm < 400, "target <400 MB"))
+    res.add(
+        f"synthetic {entries:,} entries: mount (cold)",
+        f"{s_ready:.2f} s",
+        f"TOC-only blob {blob.size / 1e6:.1f} MB",
+    )
+    res.add(
+        "    daemon RSS after mounting", f"{s_rss:.0f} MB", verdict(s_rss < 400, "target <400 MB")
+    )
+    res.add(
+        "    daemon peak RSS (VmHWM, index build)",
+        f"{s_hwm:.0f} MB",
+        verdict(s_hwm < 400, "target <400 MB"),
+    )
     t0 = time.perf_counter()
     n = len(os.listdir(smnt / "usr" / "lib"))
     res.add("    listdir usr/lib", f"{time.perf_counter() - t0:.3f} s", f"{n} entries")
     umount(smnt)
     s_ready2 = mount(ref, smnt, scache)
     s_rss2, s_hwm2 = daemon_rss(smnt)
-    res.add("    remount (index cached)", f"{s_ready2:.2f} s",
-            f"RSS {s_rss2:.0f} MB, peak {s_hwm2:.0f} MB")
+    res.add(
+        "    remount (index cached)",
+        f"{s_ready2:.2f} s",
+        f"RSS {s_rss2:.0f} MB, peak {s_hwm2:.0f} MB",
+    )
     umount(smnt)
 
 

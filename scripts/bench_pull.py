@@ -198,7 +198,7 @@ def bench_inflaters(blobs: list[Path]) -> None:
     """Decompress (and hash, as the pull does) the image's layers with each gzip backend."""
     code = (
         f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-        "from stargzfs.pull.decompress import Decompressor, gzip_backend\n"
+        "from stargzfs.formats.layer_stream import Decompressor, gzip_backend\n"
         "t = time.perf_counter(); n = 0\n"
         "for path in sys.argv[1:]:\n"
         "    with open(path, 'rb') as f:\n"

@@ -7,9 +7,8 @@ writer in :mod:`stargzfs.formats.estargz_writer`.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO
 
 from .errors import FormatError, UnsupportedError
 from .formats.estargz_writer import (
@@ -19,6 +18,7 @@ from .formats.estargz_writer import (
     Readable,
     write_estargz,
 )
+from .formats.layer_stream import Decompressor
 
 __all__ = ["ConvertResult", "convert_layer", "open_layer_stream"]
 
@@ -45,42 +45,17 @@ class _Prefixed:
 
 
 class _GzipStream:
-    """Decompressed bytes of a (possibly multi-member) gzip stream.
-
-    ``gzip.GzipFile`` would do, but its errors (EOFError, BadGzipFile, zlib.error) are spread
-    over several types and it reads past what the tar needs; this is small and exact.
-    """
+    """Decompressed bytes of a (possibly multi-member) gzip stream, with the input's errors
+    said to be the input's."""
 
     def __init__(self, src: Readable) -> None:
-        self._src = src
-        self._z: Any = None  # zlib decompress object of the current member
-        self._in = b""
+        self._d = Decompressor(src, "gzip")
 
     def read(self, n: int = -1, /) -> bytes:
-        if n < 0:
-            n = _READ
-        while True:
-            if self._z is None:
-                if not self._in:
-                    self._in = self._src.read(_READ)
-                if not self._in:
-                    return b""  # clean end after a complete member
-                self._z = zlib.decompressobj(31)
-            if not self._in:
-                self._in = self._src.read(_READ)
-                if not self._in:
-                    raise FormatError("input gzip stream is truncated")
-            try:
-                out: bytes = self._z.decompress(self._in, n)
-            except zlib.error as e:
-                raise FormatError(f"input is not valid gzip: {e}") from None
-            if self._z.eof:
-                self._in = self._z.unused_data
-                self._z = None
-            else:
-                self._in = self._z.unconsumed_tail
-            if out:
-                return out
+        try:
+            return self._d.read(_READ if n < 0 else n)
+        except FormatError as e:
+            raise FormatError(f"input: {e}") from None
 
 
 class _ZstdStream:

@@ -144,7 +144,6 @@ def test_disk_cache_is_bounded_least_recently_used_first(tmp_path: Path) -> None
     assert cache.get(digests[4]) == blobs[4]  # newest: kept
 
 
-
 class StallingSource:
     """Records each read as it starts; while ``stall`` is set a read waits until released
     (``release(i)``: the i-th read, ``release_all()``)."""

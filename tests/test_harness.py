@@ -165,7 +165,8 @@ def test_token_server_policy(registry_token: Registry, oci_layout: Path) -> None
 
     # Wrong password: the token server refuses, no token issued.
     bad = httpx.get(
-        challenge["realm"], params={"service": ts.service, "scope": f"repository:{repo}:pull"},
+        challenge["realm"],
+        params={"service": ts.service, "scope": f"repository:{repo}:pull"},
         auth=httpx.BasicAuth(reg.username or "", "wrong"),
     )
     assert bad.status_code == 401 and ts.issued == before + 1

@@ -167,9 +167,7 @@ def test_umount_of_nothing_says_not_mounted(tmp_path: Path) -> None:
     assert stargzfs("umount", str(tmp_path / "missing")).returncode == 4
 
 
-def test_umount_refuses_a_foreign_fuse_mount_without_force(
-    mounter: Any, mountpoint: Path
-) -> None:
+def test_umount_refuses_a_foreign_fuse_mount_without_force(mounter: Any, mountpoint: Path) -> None:
     from harness import hellofs
 
     mounter([sys.executable, hellofs.__file__, str(mountpoint)], mountpoint)
@@ -348,9 +346,9 @@ def wait_for_prefetch(mnt: Path, timeout: float = 20) -> list[dict[str, object]]
     """The layers of `stargzfs stats --json` once no prefetch/background fetch is running."""
     deadline = time.monotonic() + timeout
     while True:
-        layers: list[dict[str, object]] = json.loads(
-            stargzfs("stats", str(mnt), "--json").stdout
-        )["layers"]
+        layers: list[dict[str, object]] = json.loads(stargzfs("stats", str(mnt), "--json").stdout)[
+            "layers"
+        ]
         states = [str(v) for layer in layers for k, v in layer.items() if "fetch" in k]
         if "running" not in states or time.monotonic() > deadline:
             return layers

@@ -16,8 +16,8 @@ import pytest
 import zstandard
 
 from stargzfs.errors import FormatError, UnsafePathError
+from stargzfs.formats.layer_stream import gzip_backend, open_decompressed
 from stargzfs.pull.blob_cache import BlobCache
-from stargzfs.pull.decompress import gzip_backend, open_decompressed
 from stargzfs.pull.extract import LayerApplier
 from stargzfs.pull.progress import Progress
 
@@ -175,6 +175,29 @@ def test_every_gzip_backend_inflates_multi_member(
         )
         with pytest.raises(FormatError):
             bad.read()
+        # eStargz-like: thousands of tiny members, read through a raw stream without
+        # readinto (the pull's follower of a growing file), in small reads
+        many = b"".join(gzip.compress(DATA[i : i + 100], 1) for i in range(0, 200_000, 100))
+
+        class Plain:
+            def __init__(self, data: bytes) -> None:
+                self.f = io.BytesIO(data)
+
+            def read(self, n: int = -1) -> bytes:
+                return self.f.read(n)
+
+        stream = open_decompressed(Plain(many), "gzip", hash_output=True)
+        out = bytearray()
+        while chunk := stream.read(7000):
+            out += chunk
+        assert bytes(out) == DATA[:200_000]
+        assert stream.hasher is not None
+        assert stream.hasher.hexdigest() == hashlib.sha256(DATA[:200_000]).hexdigest()
+        one = bytearray(gzip.compress(DATA))
+        one[-6] ^= 0xFF  # the CRC-32 in the member's trailer
+        for damaged in (bytes(one), gzip.compress(DATA)[:-3], many[:-50_000] + many[-49_000:]):
+            with pytest.raises(FormatError):
+                open_decompressed(io.BytesIO(damaged), "gzip", hash_output=False).read()
     finally:
         monkeypatch.delenv("STARGZFS_GZIP")
         gzip_backend.cache_clear()

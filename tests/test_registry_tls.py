@@ -99,9 +99,9 @@ def trust(tls_registry: Registry) -> dict[str, str]:
 
 
 def _fixture_sha256(fixtures_dir: Path, path: str) -> str:
-    entries: list[dict[str, Any]] = json.loads(
-        (fixtures_dir / "whiteout-merged.json").read_text()
-    )["entries"]
+    entries: list[dict[str, Any]] = json.loads((fixtures_dir / "whiteout-merged.json").read_text())[
+        "entries"
+    ]
     return next(str(e["sha256"]) for e in entries if e["path"] == path)
 
 

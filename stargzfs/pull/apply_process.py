@@ -181,7 +181,7 @@ class _Relay(logging.Handler):
 
 
 def _child(sock: socket.socket) -> int:
-    from .decompress import Decompressor, ThreadedDecompressor
+    from ..formats.layer_stream import Decompressor, ThreadedDecompressor
     from .extract import LayerApplier
 
     parent = os.getppid()

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DigestMismatchError
+from ..formats.layer_stream import open_decompressed
 from ..image import OCI_INDEX, REF_NAME, Descriptor
 from ..reference import parse_digest
-from .decompress import open_decompressed
 
 __all__ = [
     "DIR_VERSION",

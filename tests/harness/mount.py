@@ -158,8 +158,12 @@ def mounted(
     args = [os.fspath(a) for a in argv]
     try:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-            env=None if env is None else dict(env), cwd=cwd,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=None if env is None else dict(env),
+            cwd=cwd,
         )
     except BaseException:
         for f in (stderr, stdout):

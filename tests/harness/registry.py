@@ -104,9 +104,15 @@ class TLSFiles:
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -262,7 +268,10 @@ class Registry:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             [self.binary, "serve", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -356,9 +365,7 @@ def start_registry(
         raise ValueError(f"unknown auth kind {auth!r}")
     binary = binary or find_registry_binary()
     if binary is None:
-        raise RegistryStartError(
-            "docker-registry not found: run scripts/install-system-deps.sh"
-        )
+        raise RegistryStartError("docker-registry not found: run scripts/install-system-deps.sh")
     workdir = Path(tempfile.mkdtemp(prefix=f"stargzfs-registry-{auth}-", dir=base_dir))
     data_dir = workdir / "storage"
     data_dir.mkdir()
@@ -399,11 +406,21 @@ def start_registry(
                 token = base64.b64encode(f"{username}:{password}".encode()).decode()
                 _write_private(authfile, json.dumps({"auths": {host: {"auth": token}}}))
             reg = Registry(
-                host=host, url=f"{scheme}://{host}", port=port, auth=auth, username=username,
-                password=password, token_server=token_server, workdir=workdir,
-                data_dir=data_dir, config_path=workdir / "config.yml",
-                log_path=workdir / "registry.log", authfile=authfile,
-                delete_enabled=delete_enabled, binary=binary, tls=tls_files,
+                host=host,
+                url=f"{scheme}://{host}",
+                port=port,
+                auth=auth,
+                username=username,
+                password=password,
+                token_server=token_server,
+                workdir=workdir,
+                data_dir=data_dir,
+                config_path=workdir / "config.yml",
+                log_path=workdir / "registry.log",
+                authfile=authfile,
+                delete_enabled=delete_enabled,
+                binary=binary,
+                tls=tls_files,
             )
             # JSON is valid YAML, and needs no quoting rules of its own.
             reg.config_path.write_text(json.dumps(_config(reg, auth_cfg), indent=2))

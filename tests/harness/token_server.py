@@ -100,7 +100,10 @@ class TokenServer:
         self.registry_leeway = registry_leeway
         self.fail_status: int | None = None
         self._initial_policy = (
-            expires_in, set(self.anonymous_actions), set(self.user_actions), registry_leeway
+            expires_in,
+            set(self.anonymous_actions),
+            set(self.user_actions),
+            registry_leeway,
         )
         self.requests: list[TokenRequest] = []
         self._issued = 0
@@ -237,8 +240,12 @@ class TokenServer:
         service = query.get("service", [None])[0]
         account: str | None = None
 
-        def answer(status: int, body: dict[str, object], extra: dict[str, str] | None = None,
-                   granted: list[dict[str, object]] | None = None) -> None:
+        def answer(
+            status: int,
+            body: dict[str, object],
+            extra: dict[str, str] | None = None,
+            granted: list[dict[str, object]] | None = None,
+        ) -> None:
             with self._lock:
                 self.requests.append(
                     TokenRequest(account, tuple(scopes), service, status, tuple(granted or ()))
@@ -312,9 +319,15 @@ class TokenServer:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )

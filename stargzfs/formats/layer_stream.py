@@ -1,11 +1,12 @@
 """Streaming decompression of whole layer blobs (multi-member gzip, multi-frame zstd, or
-plain), optionally hashing the output (the layer's diff_id) as it goes; what a pull and the
-layout writers read layers through. (Per-chunk inflation for the mount is in
-:mod:`stargzfs.formats.decompress`.)"""
+plain), optionally hashing the output (the layer's diff_id) as it goes: what a pull, the
+layout writers and the converter read whole layers through. (Per-chunk inflation for the
+mount is :mod:`stargzfs.formats.decompress`.)"""
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib
 import io
@@ -18,6 +19,26 @@ from typing import IO, Any, Literal
 from ..errors import FormatError
 
 __all__ = ["Decompressor", "ThreadedDecompressor", "gzip_backend", "open_decompressed"]
+
+_RAW_READ = 128 * 1024
+
+
+def _with_readinto(raw: Any) -> Any:
+    """``raw`` if it has ``readinto`` (what the C gzip readers call), else an adapter."""
+    if hasattr(raw, "readinto"):
+        return raw
+
+    class _ReadInto:
+        def read(self, n: int = -1) -> bytes:
+            data: bytes = raw.read(n)
+            return data
+
+        def readinto(self, b: Any) -> int:
+            data = raw.read(len(b))
+            b[: len(data)] = data
+            return len(data)
+
+    return _ReadInto()
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +82,7 @@ class Decompressor(io.RawIOBase):
         self.hasher = hashlib.sha256() if hash_output else None
         self._z: Any = None
         self._zstd_reader: Any = None
+        self._gzip_reader: Any = None
         if compression == "zstd":
             import zstandard
 
@@ -69,7 +91,12 @@ class Decompressor(io.RawIOBase):
             )
         elif compression == "gzip":
             self._gz = gzip_backend()[1]
-            self._z = self._gz.decompressobj(31)
+            if hasattr(self._gz, "_GzipReader"):
+                # ISA-L's / zlib-ng's gzip reader in C: members are chained without copying
+                # the rest of the input at every member's end (eStargz has one per chunk)
+                self._gzip_reader = self._gz._GzipReader(_with_readinto(raw), _RAW_READ)
+            else:
+                self._z = self._gz.decompressobj(31)
         self._member_started = False
 
     def readable(self) -> bool:
@@ -91,6 +118,11 @@ class Decompressor(io.RawIOBase):
                 if not data:
                     self._eof = True
                     break
+            elif self._gzip_reader is not None:
+                data = self._read_gzip(max(want - have, 1 << 20))
+                if not data:
+                    self._eof = True
+                    break
             else:
                 data = self._gunzip_some(want - have)
                 if data is None:
@@ -103,13 +135,22 @@ class Decompressor(io.RawIOBase):
                 have += len(data)
         self._buf = b"".join(out)
 
+    def _read_gzip(self, n: int) -> bytes:
+        try:
+            return bytes(self._gzip_reader.read(n))
+        except EOFError:
+            raise FormatError("gzip stream is truncated") from None
+        except gzip.BadGzipFile as e:
+            raise FormatError(f"corrupt gzip data: {e}") from None
+
     def _gunzip_some(self, want: int) -> bytes | None:
         """Some decompressed bytes (may be b""), or None at the end of the stream."""
         z = self._z
         if z.unconsumed_tail:
             data = z.decompress(z.unconsumed_tail, max(want, 1 << 20))
         else:
-            raw = self._raw.read(1 << 20)
+            # small reads: a member ending mid-input copies the rest as ``unused_data``
+            raw = self._raw.read(_RAW_READ)
             if not raw:
                 if self._member_started and not z.eof:
                     raise FormatError("gzip stream is truncated")
