@@ -335,6 +335,11 @@ class ChunkReader:
                     nursery.start_soon(run_one, run)
         return fetched
 
+    async def is_cached(self, end: int) -> bool:
+        """Whether every verifiable chunk before blob offset ``end`` is in the cache."""
+        chunks = await trio.to_thread.run_sync(self.index.chunks_before, end)
+        return not await self._missing(chunks)
+
     async def prefetch(self, end: int, what: str) -> int | None:
         """Fetch every chunk before blob offset ``end`` (the prioritized range) at low
         priority, in as few streamed requests as the cache allows (normally one). Returns

@@ -77,6 +77,12 @@ class ImageView:
         self.prefetch_state[layer.name] = f"done ({stored} chunks)"
         return stored
 
+    async def prefetch_is_cached(self, position: int) -> bool:
+        """Whether the layer's prioritized range is all in the cache (a warm remount), so
+        prefetching it costs no request; True for a layer with nothing prioritized."""
+        end = self.layers[position].index.prefetch_end
+        return not end or await self.readers[position].is_cached(end)
+
     def prioritized_paths(self, position: int) -> list[str]:
         """The layer's prioritized regular files (before its prefetch landmark), in blob
         order; blocking, run it in a thread."""

@@ -608,3 +608,39 @@ def test_prioritized_files_are_in_the_kernel_caches_after_prefetch(
     wait_for_line(log, "prefetched")
     time.sleep(0.3)
     assert not record.exists() or record.read_text() == ""
+
+
+def test_warm_remount_is_ready_with_prioritized_files_in_the_kernel(
+    registry: Registry, fixtures_dir: Path, mnt: Path, tmp_path: Path
+) -> None:
+    """With the prioritized files all in the disk cache (a remount), the mount is reported
+    ready only once they are in memory and the kernel's caches: the workload they were
+    recorded from must not race the warm-up."""
+    from harness.oci import LayerBlob
+
+    meta = json.loads((fixtures_dir / "prioritized.json").read_text())
+    blob = (fixtures_dir / "prioritized.esgz").read_bytes()
+    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "prio/ready:v1")
+    entries = {e["path"]: e for e in meta["entries"]}
+    prioritized = [p for p in meta["prefetch_entries"] if entries[p]["type"] == "reg"]
+    log = tmp_path / "daemon.log"
+    args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--log-file", str(log))
+    assert stargzfs(*args).returncode == 0
+    wait_for_line(log, "prioritized files in the kernel's caches")
+    assert stargzfs("umount", str(mnt)).returncode == 0
+    log.write_text("")
+
+    assert stargzfs(*args).returncode == 0
+    text = log.read_text()  # at once: no waiting
+    assert "prioritized files in the kernel's caches" in text, text
+    assert text.index("kernel's caches") < text.index("mounted ")
+    stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
+    assert stats["layers"][0]["prefetch"] == "done (cached)"
+    before = stats["cache"]
+    for path in prioritized:
+        data = (mnt / path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entries[path]["sha256"]
+    after = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["cache"]
+    assert after["misses"] == before["misses"] == 0
+    assert after["memory_hits"] + after["disk_hits"] == before["memory_hits"] + before["disk_hits"]

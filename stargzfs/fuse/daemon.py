@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024
 MAX_TASKS = 128  # handlers awaiting the network overlap up to this many
+# On a warm remount, how long "ready" may wait for the prioritized files to be warmed up.
+READY_WARM_BUDGET = 0.5
 
 
 def mount_options(*, allow_other: bool = False) -> set[str]:
@@ -69,17 +71,51 @@ async def serve(
             nursery.start_soon(trio.to_thread.run_sync, _raise_read_ahead, mountpoint)
             # Open the disk cache's index (and drop dead writers' temp files) off the loop.
             nursery.start_soon(trio.to_thread.run_sync, view.cache.scan)
-            if ready is not None:
-                ready()
-            for position in range(len(view.layers)):
-                # Warming the kernel reads through the mount: that would record accesses.
-                warm = mountpoint if record_access is None else None
-                nursery.start_soon(_fetch_layer, view, position, prefetch, background_fetch, warm)
+            # Warming the kernel reads through the mount: that would record accesses.
+            warm = mountpoint if record_access is None else None
+            nursery.start_soon(_start, view, prefetch, background_fetch, warm, ready, nursery)
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+
+
+async def _start(
+    view: ImageView,
+    prefetch: bool,
+    background_fetch: bool,
+    warm: str | None,
+    ready: Callable[[], None] | None,
+    nursery: trio.Nursery,
+) -> None:
+    """Say the mount is ready and start each layer's background work.
+
+    On a remount whose prioritized files are all in the disk cache, they are first loaded
+    into memory and read once through the mount (at most ``READY_WARM_BUDGET`` seconds): no
+    request is needed, and the workload they were recorded from then starts at page-cache
+    speed instead of racing the warm-up. Otherwise ready comes at once and the prefetch
+    follows in the background, on-demand reads first."""
+    layers = range(len(view.layers))
+    local = False
+    if prefetch and warm is not None:
+        try:
+            local = all([await view.prefetch_is_cached(p) for p in layers])
+        except Exception as e:  # only costs speed
+            log.debug("checking the prefetch cache: %s", e)
+    if local:
+        with trio.move_on_after(READY_WARM_BUDGET):
+            async with trio.open_nursery() as warming:
+                for position in layers:
+                    warming.start_soon(_fetch_layer, view, position, True, False, warm)
+    if ready is not None:
+        ready()
+    for position in layers:
+        if local:
+            if background_fetch:
+                nursery.start_soon(_fetch_layer, view, position, False, True)
+        else:
+            nursery.start_soon(_fetch_layer, view, position, prefetch, background_fetch, warm)
 
 
 async def _fetch_layer(
@@ -135,6 +171,23 @@ def _read_through(mountpoint: str, paths: list[str]) -> int:
     """Read each file once through the mount (a worker thread: the event loop serves it).
     Never follows a symlink and reads nothing but regular files, whatever the image holds."""
     done = 0
+    # Their directories listed first: readdir answers with attributes, so every sibling's
+    # name and attributes land in the kernel's caches too (the import system and the
+    # dynamic loader stat and list their way to the files they then read).
+    listed: set[str] = set()
+    for path in paths:
+        parent = os.path.dirname(path)
+        while parent not in listed:
+            listed.add(parent)
+            try:
+                with os.scandir(os.path.join(mountpoint, parent)) as entries:
+                    for _ in entries:
+                        pass
+            except OSError as e:
+                log.debug("warming %s/: %s", parent, e)
+            if not parent:
+                break
+            parent = os.path.dirname(parent)
     for path in paths:
         try:
             fd = os.open(
