@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import random
+import urllib.request
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -291,6 +292,23 @@ class _StreamHasher:
 # --------------------------------------------------------------------------- the client
 
 
+class _LazyTransport(httpx.AsyncBaseTransport):
+    """A transport built on its first request (see :class:`RegistryClient`'s TLS mount)."""
+
+    def __init__(self, make: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        self._make = make
+        self._inner: httpx.AsyncBaseTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._inner is None:
+            self._inner = self._make()
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        if self._inner is not None:
+            await self._inner.aclose()
+
+
 class RegistryClient:
     """Talks to OCI distribution registries. Use as ``async with RegistryClient() as c``.
 
@@ -343,13 +361,28 @@ class RegistryClient:
         self._blobs: dict[tuple[Repository, str], _Blob] = {}
         self._multirange: dict[str, bool] = {}
         self.stats = ClientStats()
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        mounts: dict[str, httpx.AsyncBaseTransport] | None = None
+        if transport is None and not urllib.request.getproxies():
+            # Without proxies to honour, plain HTTP and TLS get transports of their own, and
+            # the TLS one is built on first use: its CA bundle costs ~0.2 s of every start,
+            # which a plain-HTTP (local) registry never needs.
+            transport = httpx.AsyncHTTPTransport(limits=limits, verify=False)
+            mounts = {
+                "https://": _LazyTransport(
+                    lambda: httpx.AsyncHTTPTransport(
+                        http2=True, limits=limits, verify=True, trust_env=True
+                    )
+                )
+            }
         self._http = httpx.AsyncClient(
             http2=True,
             timeout=timeout,
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            limits=limits,
             headers={"User-Agent": f"stargzfs/{__version__}", "Accept-Encoding": "identity"},
             transport=transport,
+            mounts=mounts,
             trust_env=True,
         )
         self._auth = Authenticator(self.credentials, self._send_unauthenticated)
