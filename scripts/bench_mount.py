@@ -20,7 +20,8 @@ RSS, and a synthetic 1,000,000-entry layer's mount time and RSS. Targets (issue 
 than (1), bytes fetched in (2) ≤20 % of the compressed image, mount ready <1 s, (3) ≤1.5x (4),
 1M-entry RSS <400 MB. Nothing is asserted: the table says which targets are met.
 
-Run as root: ``.venv/bin/python scripts/bench_mount.py [--rebuild] [--entries N | --no-synthetic]``.
+Run as root: ``.venv/bin/python scripts/bench_mount.py [--rebuild] [--entries N | --no-synthetic]
+[--link-mbit N]`` (``--link-mbit``: the registry behind a throttled link, as across a network).
 """
 
 from __future__ import annotations
@@ -695,6 +696,12 @@ def main() -> None:
     )
     ap.add_argument("--entries", type=int, default=1_000_000, help="synthetic layer size")
     ap.add_argument("--no-synthetic", action="store_true", help="skip the synthetic layer")
+    ap.add_argument(
+        "--link-mbit",
+        type=float,
+        default=0,
+        help="pull and mount through a throttled link of this many Mbit/s (0: loopback)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (chroot, FUSE mounts)")
@@ -779,6 +786,15 @@ def measure(
     esgz_ref = reg.push(
         img.write_oci_layout(work / "oci" / "esgz", esgz, "bench"), "bench", f"{REPO}:esgz"
     )
+    if args.link_mbit:
+        # Everything measured from here on crosses a slow link, as from a real registry.
+        from bench_link import ThrottledLink
+
+        link = ThrottledLink(reg.host, args.link_mbit * 1e6 / 8)
+        gz_ref, gz_small_ref, esgz_ref = (
+            r.replace(reg.host, link.host) for r in (gz_ref, gz_small_ref, esgz_ref)
+        )
+        res.header.append(f"through a throttled {args.link_mbit:g} Mbit/s link")
     image_size = sum(b.size for b in esgz)
     res.add(
         "image: compressed eStargz / gzip",

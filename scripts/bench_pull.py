@@ -28,16 +28,13 @@ N Mbit/s), which is what makes the warm-cache repeat pull worth measuring.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_link import ThrottledLink  # noqa: E402
 
 
 def build_layout(root: Path, work: Path) -> tuple[Path, int, int, int]:
@@ -143,55 +142,6 @@ def _cpu() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class ThrottledLink:
-    """A TCP forwarder to ``upstream`` whose downstream bytes share one token bucket of
-    ``rate`` bytes/s: a slow link (every connection together), for cold-vs-warm numbers."""
-
-    def __init__(self, upstream: str, rate: float) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._next = time.monotonic()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.host = f"127.0.0.1:{self._server.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _take(self, n: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._next = max(self._next, now) + n / self.rate
-            delay = self._next - now
-        if delay > 0:
-            time.sleep(delay)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(client, up, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, throttle: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if throttle:
-                    self._take(len(data))
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._server.close()
 
 
 def bench_inflaters(blobs: list[Path]) -> None:
