@@ -529,3 +529,82 @@ def test_push_jobs_blobs_in_flight(
             assert proxy.max_in_flight["upload"] >= 2
     pushed = registry.ref(f"push-jobs/j{jobs}:v1")
     assert json.loads(_skopeo(registry, "inspect", f"docker://{pushed}"))["Digest"] == mdigest
+
+
+def _gzip_layer_archive(path: Path, layer_tar: bytes, diff_id: str, *, zstd: bool = False) -> bytes:
+    """A ``docker save``-style archive (manifest.json, config, one layer member) whose layer
+    member is compressed (gzip, or zstd), as Docker 25 and ``stargzfs convert`` write them."""
+    import gzip as gz
+    import io
+    import tarfile
+
+    import zstandard
+
+    blob = zstandard.ZstdCompressor().compress(layer_tar) if zstd else gz.compress(layer_tar, 6)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    listing = json.dumps(
+        [{"Config": "config.json", "RepoTags": ["example/gz:v1"], "Layers": ["layer.tar"]}]
+    ).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in (
+            ("manifest.json", listing),
+            ("config.json", config),
+            ("layer.tar", blob),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return blob
+
+
+def test_push_docker_archive_checks_compressed_layers_against_diff_ids(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A compressed layer member is pushed as it is, but only once what it decompresses to
+    matches the config's diff_id: a swapped layer is exit 6 and nothing is pushed."""
+    import hashlib
+    import io
+    import tarfile
+
+    def tar_of(content: bytes) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo("etc/motd")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        return buf.getvalue()
+
+    good, evil = tar_of(b"hello\n"), tar_of(b"evil!\n")
+    diff_id = "sha256:" + hashlib.sha256(good).hexdigest()
+
+    ok = tmp_path / "ok.tar"
+    blob = _gzip_layer_archive(ok, good, diff_id)
+    ref = registry.ref("push-archive/gz:v1")
+    assert main(["push", f"docker-archive:{ok}", ref]) == 0
+    capsys.readouterr()
+    raw = json.loads(_skopeo(registry, "inspect", "--raw", f"docker://{ref}"))
+    assert raw["layers"][0]["digest"] == "sha256:" + hashlib.sha256(blob).hexdigest()
+
+    swapped = tmp_path / "swapped.tar"
+    _gzip_layer_archive(swapped, evil, diff_id)
+    bad_ref = registry.ref("push-archive/gz-swapped:v1")
+    assert main(["push", f"docker-archive:{swapped}", bad_ref]) == 6
+    err = capsys.readouterr().err
+    assert "layer 0 (layer.tar)" in err and diff_id in err
+    listed = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--no-creds", f"docker://{bad_ref}"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert listed.returncode != 0
+
+    zst = tmp_path / "zstd.tar"
+    _gzip_layer_archive(zst, good, diff_id, zstd=True)
+    assert main(["push", f"docker-archive:{zst}", registry.ref("push-archive/zst:v1")]) == 7
+    assert "zstd-compressed" in capsys.readouterr().err

@@ -33,7 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import DigestMismatchError, FormatError, NotFoundError, UsageError
+from ..errors import (
+    DigestMismatchError,
+    FormatError,
+    NotFoundError,
+    UnsupportedError,
+    UsageError,
+)
+from ..formats.layer_stream import Decompressor
 from ..image import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -53,6 +60,7 @@ __all__ = ["LocalBlob", "LocalImage", "LocalManifest", "open_source", "parse_sou
 
 _READ = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass
@@ -296,18 +304,34 @@ def _gzip_file(src: Any, dst_path: str) -> tuple[str, int, str]:
     return "sha256:" + h_out.hexdigest(), size, "sha256:" + h_in.hexdigest()
 
 
-def _hash_range(path: str, offset: int, size: int) -> str:
-    h = hashlib.sha256()
+def _hash_gzip_range(path: str, offset: int, size: int) -> tuple[str, str]:
+    """(sha256 of the gzip bytes ``[offset, offset+size)`` of ``path``, sha256 of what they
+    decompress to), in one read."""
+    compressed = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)
         left = size
-        while left:
-            data = f.read(min(_READ, left))
-            if not data:
-                raise FormatError(f"{path}: truncated")
-            h.update(data)
-            left -= len(data)
-    return "sha256:" + h.hexdigest()
+
+        class Range:
+            def read(self, n: int = -1) -> bytes:
+                nonlocal left
+                data = f.read(left if n < 0 else min(n, left))
+                left -= len(data)
+                compressed.update(data)
+                return data
+
+        rest = Range()
+        stream = Decompressor(rest, "gzip", hash_output=True)
+        try:
+            stream.drain()
+        except FormatError as e:
+            raise FormatError(f"{path}: layer at offset {offset}: {e}") from None
+        while rest.read(_READ):  # what follows the gzip stream is pushed too
+            pass
+    if left:
+        raise FormatError(f"{path}: truncated")
+    assert stream.hasher is not None
+    return "sha256:" + compressed.hexdigest(), "sha256:" + stream.hasher.hexdigest()
 
 
 def _member(tar: tarfile.TarFile, name: str, archive: str) -> tarfile.TarInfo:
@@ -461,10 +485,22 @@ def open_docker_archive(
         def prepare(i: int, info: tarfile.TarInfo) -> LocalBlob:
             with open(path, "rb") as f:
                 f.seek(info.offset_data)
-                head = f.read(2)
-            if head == _GZIP_MAGIC:
-                digest = _hash_range(path, info.offset_data, info.size)
+                head = f.read(4)
+            if head[:2] == _GZIP_MAGIC:
+                # pushed as it is, but only once its content is what the config says
+                digest, diff_id = _hash_gzip_range(path, info.offset_data, info.size)
+                if diff_id != diff_ids[i]:
+                    raise DigestMismatchError(
+                        f"{path}: layer {i} ({layer_names[i]}) against the config's diff_id",
+                        diff_ids[i],
+                        diff_id,
+                    )
                 return LocalBlob(digest, info.size, DOCKER_LAYER_GZIP, path, info.offset_data)
+            if head == _ZSTD_MAGIC:
+                raise UnsupportedError(
+                    f"{path}: layer {i} ({layer_names[i]}) is zstd-compressed: a docker-archive "
+                    "without index.json holds gzip or uncompressed layers"
+                )
             out = os.path.join(tmp, f"layer{i}.tar.gz")
             src = LocalBlob("", info.size, "", path, info.offset_data).open()
             with src:
