@@ -160,3 +160,20 @@ def test_kill_stops_a_child_waiting_for_bytes(tmp_path: Path) -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], StargzfsError)
     assert "aborted" in str(outcome[0])
     assert _children() == []
+
+
+def test_an_error_naming_a_huge_entry_still_comes_back(tmp_path: Path) -> None:
+    """A hostile layer's entry name may be megabytes long: the error still arrives as itself
+    (cut), not as a crashed child."""
+    evil = _tar({"../" + "x" * 2_000_000: b"x"})
+    (tmp_path / "evil.tar").write_bytes(evil)
+    (tmp_path / "root").mkdir()
+    proc = LayerApplyProcess()
+    try:
+        proc.set_root(tmp_path / "root")
+        fd = os.open(tmp_path / "evil.tar", os.O_RDONLY)
+        with pytest.raises(UnsafePathError, match=r"\(cut\)$"):
+            proc.apply(fd, len(evil), "none", "layer 0")
+        os.close(fd)
+    finally:
+        proc.close()

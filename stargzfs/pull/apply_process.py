@@ -39,6 +39,9 @@ __all__ = ["LayerApplyProcess"]
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 1 << 20
+# Texts (log lines, error messages) are cut to this many characters: a datagram must fit the
+# socket's send buffer, and a hostile layer's entry name may be megabytes long.
+_MAX_TEXT = 16_000
 # Errors that cross the process boundary as themselves (their constructor takes a message).
 _ERRORS: dict[str, type[errors.StargzfsError]] = {
     cls.__name__: cls
@@ -176,8 +179,12 @@ class _Relay(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(OSError):
-            msg = record.getMessage()[: _MAX_MESSAGE // 2]
+            msg = _cut(record.getMessage())
             self.sock.send(json.dumps({"log": record.levelname, "msg": msg}).encode())
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "... (cut)"
 
 
 def _child(sock: socket.socket) -> int:
@@ -231,13 +238,13 @@ def _child(sock: socket.socket) -> int:
                 )
     except errors.StargzfsError as e:
         name = type(e).__name__ if type(e).__name__ in _ERRORS else "StargzfsError"
-        reply({"error": name, "msg": str(e)})
+        reply({"error": name, "msg": _cut(str(e))})
         return 1
     except OSError as e:
-        reply({"error": "StargzfsError", "msg": f"extracting layers: {e.strerror or e}"})
+        reply({"error": "StargzfsError", "msg": _cut(f"extracting layers: {e.strerror or e}")})
         return 1
     except Exception as e:  # reported by the parent as an internal error
-        reply({"error": "internal", "msg": f"{type(e).__name__}: {e}"})
+        reply({"error": "internal", "msg": _cut(f"{type(e).__name__}: {e}")})
         return 1
     finally:
         if applier is not None:
