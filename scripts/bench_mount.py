@@ -687,6 +687,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--work", type=Path, default=img.DEFAULT_WORK)
+    ap.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path("/dev/shm/stargzfs-bench-run") if os.path.isdir("/dev/shm") else None,
+        help="pulled trees, caches and mount points (default: tmpfs, so that every contender "
+        "writes to memory and the VM's disk writeback is not what gets measured; else WORK/run)",
+    )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the image from scratch")
     ap.add_argument(
         "--repeat",
@@ -711,7 +718,7 @@ def main() -> None:
     if args.rebuild:
         for sub in ("rootfs", "layers", "blobs", "oci", "recorded", "synthetic"):
             shutil.rmtree(work / sub, ignore_errors=True)
-    run_dir = work / "run"
+    run_dir = args.run_dir.resolve() if args.run_dir else work / "run"
     for leftover in sorted(run_dir.glob("mnt*")) if run_dir.is_dir() else []:
         umount(leftover)
     shutil.rmtree(run_dir, ignore_errors=True)
