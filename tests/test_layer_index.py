@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import pytest
@@ -329,3 +330,32 @@ def test_any_names_land_where_clean_name_puts_them(names: list[str]) -> None:
     index = build(*({"name": n, "type": "dir"} for n in names))
     want = {"/".join(c.split("/")[: i + 1]) for c in cleaned if c for i in range(c.count("/") + 1)}
     assert {p for p, _ in index.walk()} == want
+
+
+def test_a_killed_builders_temp_file_is_removed_by_the_next_build(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)  # exited: no such process any more
+    target = tmp_path / "i.sqlite"
+    stale = tmp_path / f"i.sqlite.{dead_pid}.tmp"
+    stale.write_bytes(b"half an index")
+    alive = tmp_path / f"i.sqlite.{os.getppid()}.tmp"  # a builder still running
+    alive.write_bytes(b"in progress")
+    other = tmp_path / "j.sqlite.1.tmp"  # another index's
+    other.write_bytes(b"x")
+    LayerIndex.build(
+        toc({"name": "a", "type": "fifo"}),
+        format="estargz",
+        compression="gzip",
+        toc_offset=1,
+        path=target,
+    )
+    assert target.exists() and not stale.exists()
+    assert alive.exists() and other.exists()

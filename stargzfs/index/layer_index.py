@@ -22,6 +22,7 @@ import array
 import base64
 import binascii
 import bisect
+import contextlib
 import itertools
 import json
 import operator
@@ -217,8 +218,8 @@ class LayerIndex:
         """
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
-        if target and os.path.exists(tmp):
-            os.unlink(tmp)
+        if target:
+            _remove_dead_builders_files(target)
         db = sqlite3.connect(tmp, check_same_thread=False, isolation_level=None)
         try:
             db.executescript(
@@ -1003,3 +1004,27 @@ def _check_xattrs(xattrs: object, raw: str) -> str:
         except (binascii.Error, ValueError):
             raise FormatError(f"TOC entry {raw!r}: xattr {k!r} is not base64") from None
     return json.dumps(xattrs, separators=(",", ":"), sort_keys=True)
+
+
+def _remove_dead_builders_files(target: str) -> None:
+    """Remove ``TARGET.PID.tmp`` files whose builder is gone (killed mid-build), and ours."""
+    folder, base = os.path.split(target)
+    prefix = base + "."
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix) : -len(".tmp")]
+        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still building
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
