@@ -633,6 +633,7 @@ def pull_stargzfs(ref: str, dest: Path, pull_help: str) -> float | None:
     """Seconds for ``stargzfs pull REF DEST --format rootfs`` (None if it failed)."""
     extra = ["--no-cache"] if "--no-cache" in pull_help else []
     extra += ["-q"] if "--quiet" in pull_help else []
+    os.sync()  # the previous pull's writeback is not this one's to wait for
     t = time.perf_counter()
     p = subprocess.run(
         [stargzfs_bin(), "pull", ref, str(dest), "--format", "rootfs", *extra],
@@ -649,6 +650,7 @@ def pull_stargzfs(ref: str, dest: Path, pull_help: str) -> float | None:
 
 
 def pull_skopeo(ref: str, layout: Path, dest: Path) -> float:
+    os.sync()  # the previous pull's writeback is not this one's to wait for
     t = time.perf_counter()
     skopeo_pull_extract(ref, layout, dest)
     return time.perf_counter() - t
@@ -690,9 +692,9 @@ def main() -> None:
     ap.add_argument(
         "--run-dir",
         type=Path,
-        default=Path("/dev/shm/stargzfs-bench-run") if os.path.isdir("/dev/shm") else None,
-        help="pulled trees, caches and mount points (default: tmpfs, so that every contender "
-        "writes to memory and the VM's disk writeback is not what gets measured; else WORK/run)",
+        default=None,
+        help="pulled trees, caches and mount points (default WORK/run; the disk is synced "
+        "before each timed pull, so one pull's writeback does not slow the next)",
     )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the image from scratch")
     ap.add_argument(
