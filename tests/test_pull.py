@@ -756,6 +756,22 @@ async def test_segmented_download(
     assert registry_proxy.bytes_sent < len(blob.data) + 10_000
 
 
+def _apply_children() -> list[int]:
+    """Live ``stargzfs.pull.apply_process`` processes (whoever their parent is now)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"stargzfs.pull.apply_process" in cmd and state != "Z":
+            found.append(int(pid))
+    return found
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_pull_resumes(
     registry: Registry, registry_proxy: RegistryProxy, tmp_path: Path, sig: signal.Signals
@@ -794,6 +810,11 @@ def test_killed_pull_resumes(
     have = partial.stat().st_size
     assert 0 < have < len(blob.data)
     assert not (tmp_path / "a").exists()
+    # the layer-applying child goes too (killed by its parent, or on its own when orphaned)
+    deadline = time.monotonic() + 10
+    while _apply_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _apply_children() == []
     if sig == signal.SIGINT:
         assert rc == 130
         assert not list(tmp_path.glob(".a.stargzfs-*"))  # cleaned up on the way out
