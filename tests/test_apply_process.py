@@ -177,3 +177,46 @@ def test_an_error_naming_a_huge_entry_still_comes_back(tmp_path: Path) -> None:
         os.close(fd)
     finally:
         proc.close()
+
+
+def test_a_child_whose_parent_died_before_it_started_stops(tmp_path: Path) -> None:
+    """The parent queued a layer and was killed while the child was still importing: the
+    child must notice (its parent pid comes from argv, not a late getppid()) and exit."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from stargzfs.pull.apply_process import LayerApplyProcess
+p = LayerApplyProcess()
+open({str(tmp_path / "pid")!r}, "w").write(str(p._proc.pid))
+os.makedirs({str(tmp_path / "root")!r}, exist_ok=True)
+p.set_root({str(tmp_path / "root")!r})
+with open({str(tmp_path / "partial")!r}, "wb") as f:
+    f.write(b"x" * 100)
+fd = os.open({str(tmp_path / "partial")!r}, os.O_RDONLY)
+p._send({{"op": "layer", "what": "layer 0", "compression": "none", "size": 10**9}}, (fd,))
+os._exit(0)  # dies at once, the child still importing
+"""
+    # (no pipes: an orphaned child would hold them open, and run() would wait forever)
+    subprocess.run(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+    )
+    child = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the orphaned apply child kept waiting for a parent that was gone")

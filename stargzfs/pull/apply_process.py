@@ -64,7 +64,13 @@ class LayerApplyProcess:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "stargzfs.pull.apply_process", str(child.fileno())],
+                [
+                    sys.executable,
+                    "-m",
+                    "stargzfs.pull.apply_process",
+                    str(child.fileno()),
+                    str(os.getpid()),
+                ],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 # the package's parent directory, so ``-m stargzfs`` finds this very copy
@@ -187,11 +193,12 @@ def _cut(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "... (cut)"
 
 
-def _child(sock: socket.socket) -> int:
+def _child(sock: socket.socket, parent: int) -> int:
+    """``parent``: the pid that started us, from its argv (a getppid() here could already be
+    init's: a parent killed while we imported had still queued its messages)."""
     from ..formats.layer_stream import Decompressor, ThreadedDecompressor
     from .extract import LayerApplier
 
-    parent = os.getppid()
     logging.getLogger().addHandler(_Relay(sock))
     logging.getLogger().setLevel(logging.INFO)
 
@@ -256,7 +263,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
     try:
-        return _child(sock)
+        return _child(sock, int(sys.argv[2]))
     except (BrokenPipeError, ConnectionResetError):
         return 3
 
