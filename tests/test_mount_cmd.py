@@ -574,20 +574,29 @@ def test_podman_zstd_chunked_layer_with_holes_through_a_mount(
         assert (mnt / name).read_bytes() == content, name
 
 
+def _push_prioritized(
+    registry: Registry, fixtures_dir: Path, tmp_path: Path, tag: str
+) -> tuple[str, dict[str, Any], list[str]]:
+    """The upstream fixture layer with prioritized files, pushed as prio/TAG:v1: its ref,
+    its entries by path, and its prioritized regular files."""
+    from harness.oci import LayerBlob
+
+    meta = json.loads((fixtures_dir / "prioritized.json").read_text())
+    blob = (fixtures_dir / "prioritized.esgz").read_bytes()
+    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
+    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", f"prio/{tag}:v1")
+    entries = {e["path"]: e for e in meta["entries"]}
+    prioritized = [p for p in meta["prefetch_entries"] if entries[p]["type"] == "reg"]
+    return ref, entries, prioritized
+
+
 def test_prioritized_files_are_in_the_kernel_caches_after_prefetch(
     registry: Registry, fixtures_dir: Path, mnt: Path, tmp_path: Path
 ) -> None:
     """After the prefetch, the daemon reads the prioritized files once through the mount:
     reading them afterwards reaches the daemon no more (its cache counters stay put). With
     --record-access it does not (that would record reads nobody made)."""
-    from harness.oci import LayerBlob
-
-    meta = json.loads((fixtures_dir / "prioritized.json").read_text())
-    blob = (fixtures_dir / "prioritized.esgz").read_bytes()
-    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
-    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "prio/warm:v1")
-    entries = {e["path"]: e for e in meta["entries"]}
-    prioritized = [p for p in meta["prefetch_entries"] if entries[p]["type"] == "reg"]
+    ref, _, prioritized = _push_prioritized(registry, fixtures_dir, tmp_path, "warm")
     log = tmp_path / "daemon.log"
     args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--log-file", str(log))
     assert stargzfs(*args).returncode == 0
@@ -616,14 +625,7 @@ def test_warm_remount_is_ready_with_prioritized_files_in_the_kernel(
     """With the prioritized files all in the disk cache (a remount), the mount is reported
     ready only once they are in memory and the kernel's caches: the workload they were
     recorded from must not race the warm-up."""
-    from harness.oci import LayerBlob
-
-    meta = json.loads((fixtures_dir / "prioritized.json").read_text())
-    blob = (fixtures_dir / "prioritized.esgz").read_bytes()
-    layer = LayerBlob(blob, meta["diff_id"], meta["media_type"], meta["annotations"])
-    ref = registry.push_oci(write_oci_layout(tmp_path / "img", [layer]), "v1", "prio/ready:v1")
-    entries = {e["path"]: e for e in meta["entries"]}
-    prioritized = [p for p in meta["prefetch_entries"] if entries[p]["type"] == "reg"]
+    ref, entries, prioritized = _push_prioritized(registry, fixtures_dir, tmp_path, "ready")
     log = tmp_path / "daemon.log"
     args = ("mount", ref, str(mnt), "--cache-dir", str(tmp_path / "c"), "--log-file", str(log))
     assert stargzfs(*args).returncode == 0
