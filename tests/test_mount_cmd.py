@@ -390,6 +390,7 @@ def test_foreground_mount_writes_its_log_file(
     assert str(mountpoint) in line and f"pid {proc.pid}" in line
     assert (mountpoint / "etc/passwd").read_bytes()
     assert "mounted " not in proc.stderr_text()  # stderr keeps its own (warning) level
+    assert "HTTP Request" not in log.read_text()  # httpx's per-request lines need -v
 
 
 def test_daemon_leaves_its_start_directory(fixture_image: str, mnt: Path, tmp_path: Path) -> None:

@@ -124,6 +124,10 @@ def _setup_logging(log_file: str | None, *, to_file: bool) -> None:
         )
         root.addHandler(handler)
     root.setLevel(min(level, logging.INFO))
+    if level > logging.INFO:
+        # the file is for what the mount did (mounted, prefetched, failed reads), not a line
+        # per HTTP request (httpx logs those at INFO): those need -v or --debug
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _absolute_paths(args: argparse.Namespace) -> None:
