@@ -336,8 +336,11 @@ class ChunkReader:
         return fetched
 
     async def is_cached(self, end: int) -> bool:
-        """Whether every verifiable chunk before blob offset ``end`` is in the cache."""
+        """Whether every chunk before blob offset ``end`` is in the cache (chunks without a
+        digest never are: they are not cached, only read)."""
         chunks = await trio.to_thread.run_sync(self.index.chunks_before, end)
+        if any(c.digest is None and not _is_hole(c) for c in chunks):
+            return False
         return not await self._missing(chunks)
 
     async def prefetch(self, end: int, what: str) -> int | None:
@@ -351,7 +354,8 @@ class ChunkReader:
             # A remount with a warm disk cache: the prioritized files are what the workload
             # reads first, so have them in memory before it asks (a disk-tier read on the
             # first access costs a thread hop, a file read and a sha256 each).
-            await trio.to_thread.run_sync(self._preload, chunks)
+            # (abandoned if cancelled: the mount's ready budget must not wait for disk reads)
+            await trio.to_thread.run_sync(self._preload, chunks, abandon_on_cancel=True)
             return None
         fetched = 0
         async with self.gate.background():

@@ -220,3 +220,20 @@ os._exit(0)  # dies at once, the child still importing
     else:
         os.kill(child, 9)
         pytest.fail("the orphaned apply child kept waiting for a parent that was gone")
+
+
+def test_a_root_it_cannot_open_is_its_own_error(tmp_path: Path) -> None:
+    """set_root() has no reply: when the child fails there and exits, the next call says why
+    (not "exited unexpectedly")."""
+    layer = _tar({"a": b"x"})
+    (tmp_path / "l.tar").write_bytes(layer)
+    proc = LayerApplyProcess()
+    try:
+        proc.set_root(tmp_path / "missing")
+        time.sleep(1.0)  # it has tried, replied and exited
+        fd = os.open(tmp_path / "l.tar", os.O_RDONLY)
+        with pytest.raises(StargzfsError, match="missing"):
+            proc.apply(fd, len(layer), "none", "layer 0")
+        os.close(fd)
+    finally:
+        proc.close()

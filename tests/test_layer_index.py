@@ -333,29 +333,26 @@ def test_any_names_land_where_clean_name_puts_them(names: list[str]) -> None:
 
 
 def test_a_killed_builders_temp_file_is_removed_by_the_next_build(tmp_path: Any) -> None:
-    import subprocess
-    import sys
+    """A live builder holds an flock on its temporary file (a pid says nothing across PID
+    namespaces sharing a cache): only unlocked ones are removed."""
+    import fcntl
 
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    dead_pid = int(gone.stdout)  # exited: no such process any more
     target = tmp_path / "i.sqlite"
-    stale = tmp_path / f"i.sqlite.{dead_pid}.tmp"
+    stale = tmp_path / "i.sqlite.1234.tmp"  # its builder was killed: nobody holds it
     stale.write_bytes(b"half an index")
-    alive = tmp_path / f"i.sqlite.{os.getppid()}.tmp"  # a builder still running
+    alive = tmp_path / "i.sqlite.1.tmp"  # a builder in another container, still running
     alive.write_bytes(b"in progress")
     other = tmp_path / "j.sqlite.1.tmp"  # another index's
     other.write_bytes(b"x")
-    LayerIndex.build(
-        toc({"name": "a", "type": "fifo"}),
-        format="estargz",
-        compression="gzip",
-        toc_offset=1,
-        path=target,
-    )
+    with open(alive, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        LayerIndex.build(
+            toc({"name": "a", "type": "fifo"}),
+            format="estargz",
+            compression="gzip",
+            toc_offset=1,
+            path=target,
+        )
     assert target.exists() and not stale.exists()
     assert alive.exists() and other.exists()
+    assert not list(tmp_path.glob(f"i.sqlite.{os.getpid()}.tmp"))

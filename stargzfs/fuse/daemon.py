@@ -97,24 +97,31 @@ async def _start(
     speed instead of racing the warm-up. Otherwise ready comes at once and the prefetch
     follows in the background, on-demand reads first."""
     layers = range(len(view.layers))
-    local = False
-    if prefetch and warm is not None:
-        try:
-            local = all([await view.prefetch_is_cached(p) for p in layers])
-        except Exception as e:  # only costs speed
-            log.debug("checking the prefetch cache: %s", e)
+    local = prefetch and warm is not None
+    try:
+        for position in layers:  # stops at the first layer that needs the network
+            local = local and await view.prefetch_is_cached(position)
+    except Exception as e:  # only costs speed
+        log.debug("checking the prefetch cache: %s", e)
+        local = False
+    warmed: set[int] = set()
     if local:
+
+        async def warm_one(position: int) -> None:
+            await _fetch_layer(view, position, True, False, warm)
+            warmed.add(position)
+
         with trio.move_on_after(READY_WARM_BUDGET):
             async with trio.open_nursery() as warming:
                 for position in layers:
-                    warming.start_soon(_fetch_layer, view, position, True, False, warm)
+                    warming.start_soon(warm_one, position)
     if ready is not None:
         ready()
     for position in layers:
-        if local:
+        if position in warmed:
             if background_fetch:
                 nursery.start_soon(_fetch_layer, view, position, False, True)
-        else:
+        else:  # not local, or the budget ran out first: in the background, as usual
             nursery.start_soon(_fetch_layer, view, position, prefetch, background_fetch, warm)
 
 

@@ -23,6 +23,7 @@ import base64
 import binascii
 import bisect
 import contextlib
+import fcntl
 import itertools
 import json
 import operator
@@ -218,8 +219,34 @@ class LayerIndex:
         """
         target = os.fspath(path) if path is not None else None
         tmp = f"{target}.{os.getpid()}.tmp" if target else ":memory:"
+        lock_fd = -1
         if target:
             _remove_dead_builders_files(target)
+            # Held until the rename: others tell a live builder's file from a dead one's by it
+            # (a pid says nothing across PID namespaces sharing a cache directory).
+            lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            return cls._build_into(
+                toc_json, format, compression, toc_offset, toc_digest, target, tmp, check, verified
+            )
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)  # (after sqlite closed the file: see _build_into)
+
+    @classmethod
+    def _build_into(
+        cls,
+        toc_json: str | bytes | Iterable[bytes],
+        format: str,
+        compression: str,
+        toc_offset: int,
+        toc_digest: str | None,
+        target: str | None,
+        tmp: str,
+        check: Callable[[], str] | None,
+        verified: bool,
+    ) -> LayerIndex:
         db = sqlite3.connect(tmp, check_same_thread=False, isolation_level=None)
         try:
             db.executescript(
@@ -1007,7 +1034,8 @@ def _check_xattrs(xattrs: object, raw: str) -> str:
 
 
 def _remove_dead_builders_files(target: str) -> None:
-    """Remove ``TARGET.PID.tmp`` files whose builder is gone (killed mid-build), and ours."""
+    """Remove ``TARGET.PID.tmp`` files whose builder is gone (killed mid-build): a live
+    builder holds an flock on its file."""
     folder, base = os.path.split(target)
     prefix = base + "."
     try:
@@ -1015,16 +1043,21 @@ def _remove_dead_builders_files(target: str) -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix) : -len(".tmp")]
-        if not (name.startswith(prefix) and name.endswith(".tmp") and pid.isdigit()):
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
-        if int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # still building
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, name))
+        if not name[len(prefix) : -len(".tmp")].isdigit():
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # being built
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            os.close(fd)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import errors
 
@@ -73,6 +73,9 @@ class LayerApplyProcess:
                 ],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
+                # its own process group: a Ctrl-C while it starts (before it can ignore
+                # SIGINT) must not print a traceback; we decide, and kill it
+                process_group=0,
                 # the package's parent directory, so ``-m stargzfs`` finds this very copy
                 cwd=str(Path(__file__).resolve().parents[2]),
             )
@@ -94,15 +97,15 @@ class LayerApplyProcess:
         except OSError:
             self._raise_gone()
 
-    def _receive(self) -> dict[str, Any]:
+    def _receive(self, flags: int = 0) -> dict[str, Any]:
         """The next reply that is not a log record (those are logged here)."""
         while True:
             try:
-                data = self._sock.recv(_MAX_MESSAGE)
+                data = self._sock.recv(_MAX_MESSAGE, flags)
             except OSError:
                 data = b""
             if not data:
-                self._raise_gone()
+                self._raise_gone(read_queued=False)
             message: dict[str, Any] = json.loads(data)
             if "log" in message:
                 log.log(logging.getLevelName(message["log"]), "%s", message["msg"])
@@ -114,7 +117,10 @@ class LayerApplyProcess:
                 raise cls(message["msg"])
             return message
 
-    def _raise_gone(self) -> None:
+    def _raise_gone(self, read_queued: bool = True) -> NoReturn:
+        if read_queued and not self._killed:
+            # it may have said why before it went (a send then fails with EPIPE)
+            self._receive(socket.MSG_DONTWAIT)
         rc = self._proc.wait()
         if self._killed:
             raise errors.StargzfsError("pull aborted")
@@ -248,7 +254,10 @@ def _child(sock: socket.socket, parent: int) -> int:
         reply({"error": name, "msg": _cut(str(e))})
         return 1
     except OSError as e:
-        reply({"error": "StargzfsError", "msg": _cut(f"extracting layers: {e.strerror or e}")})
+        where = f"{e.filename}: " if e.filename is not None else ""
+        reply(
+            {"error": "StargzfsError", "msg": _cut(f"extracting layers: {where}{e.strerror or e}")}
+        )
         return 1
     except Exception as e:  # reported by the parent as an internal error
         reply({"error": "internal", "msg": _cut(f"{type(e).__name__}: {e}")})
