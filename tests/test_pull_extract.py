@@ -198,6 +198,15 @@ def test_every_gzip_backend_inflates_multi_member(
         for damaged in (bytes(one), gzip.compress(DATA)[:-3], many[:-50_000] + many[-49_000:]):
             with pytest.raises(FormatError):
                 open_decompressed(io.BytesIO(damaged), "gzip", hash_output=False).read()
+        # every backend alike: zero padding after the last member is fine (as gzip(1) takes
+        # it), bytes after the padding or zeros instead of any member are not
+        whole = gzip.compress(DATA)
+        for padded in (whole + bytes(1000), whole + whole + bytes(300_000)):
+            out = open_decompressed(io.BytesIO(padded), "gzip", hash_output=False).read()
+            assert out == DATA * (padded.count(whole[:20]))
+        for bad in (whole + bytes(10) + b"x", bytes(600)):
+            with pytest.raises(FormatError):
+                open_decompressed(io.BytesIO(bad), "gzip", hash_output=False).read()
     finally:
         monkeypatch.delenv("STARGZFS_GZIP")
         gzip_backend.cache_clear()

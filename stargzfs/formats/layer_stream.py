@@ -98,6 +98,7 @@ class Decompressor(io.RawIOBase):
             else:
                 self._z = self._gz.decompressobj(31)
         self._member_started = False
+        self._members_done = False  # (zero padding may follow a member, not replace them all)
 
     def readable(self) -> bool:
         return True
@@ -144,7 +145,10 @@ class Decompressor(io.RawIOBase):
             raise FormatError(f"corrupt gzip data: {e}") from None
 
     def _gunzip_some(self, want: int) -> bytes | None:
-        """Some decompressed bytes (may be b""), or None at the end of the stream."""
+        """Some decompressed bytes (may be b""), or None at the end of the stream.
+
+        Zero bytes where a next member would start are padding, as gzip(1) and the C readers
+        take them (tape-style blocking): the rest must then be zeros too."""
         z = self._z
         if z.unconsumed_tail:
             data = z.decompress(z.unconsumed_tail, max(want, 1 << 20))
@@ -155,17 +159,33 @@ class Decompressor(io.RawIOBase):
                 if self._member_started and not z.eof:
                     raise FormatError("gzip stream is truncated")
                 return None
+            if not self._member_started and raw[0] == 0 and self._members_done:
+                self._skip_padding(raw)
+                return None
             self._member_started = True
             data = z.decompress(raw, max(want, 1 << 20))
         while z.eof:
+            self._members_done = True
             rest = z.unused_data
             self._z = z = self._gz.decompressobj(31)
             self._member_started = bool(rest)
             if not rest:
                 break
+            if rest[0] == 0:
+                self._skip_padding(rest)
+                self._member_started = False
+                break
             more = z.decompress(rest, 1 << 20)
             data += more
         return bytes(data)
+
+    def _skip_padding(self, first: bytes) -> None:
+        """Consume the zero padding after the last member (to the end of the input)."""
+        data = first
+        while data:
+            if data.count(0) != len(data):
+                raise FormatError("corrupt gzip data: bytes after the zero padding")
+            data = self._raw.read(_RAW_READ)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
