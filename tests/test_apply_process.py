@@ -4,6 +4,7 @@ stops it at once."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -12,6 +13,7 @@ import os
 import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,27 @@ def _children() -> list[int]:
         if int(ppid) == os.getpid() and b"apply_process" in cmd and state != "Z":
             found.append(int(pid))
     return found
+
+
+@contextlib.contextmanager
+def _child(root: Path) -> Iterator[LayerApplyProcess]:
+    """An apply child told to apply onto ``root``; closed at the end."""
+    proc = LayerApplyProcess()
+    try:
+        proc.set_root(root)
+        yield proc
+    finally:
+        proc.close()
+
+
+def _apply(proc: LayerApplyProcess, path: Path, layer: bytes) -> str:
+    """Write the uncompressed ``layer`` to ``path`` and apply it as layer 0."""
+    path.write_bytes(layer)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return proc.apply(fd, len(layer), "none", "layer 0")
+    finally:
+        os.close(fd)
 
 
 def test_layers_from_growing_files(tmp_path: Path) -> None:
@@ -94,36 +117,22 @@ def test_layers_from_growing_files(tmp_path: Path) -> None:
 
 
 def test_errors_come_back_as_their_class(tmp_path: Path) -> None:
-    evil = _tar({"../escape": b"x"})
-    (tmp_path / "evil.tar").write_bytes(evil)
     (tmp_path / "root").mkdir()
-    proc = LayerApplyProcess()
-    try:
-        proc.set_root(tmp_path / "root")
-        fd = os.open(tmp_path / "evil.tar", os.O_RDONLY)
-        with pytest.raises(UnsafePathError, match=r"layer 0.*\.\./escape"):
-            proc.apply(fd, len(evil), "none", "layer 0")
-        os.close(fd)
-    finally:
-        proc.close()
+    with (
+        _child(tmp_path / "root") as proc,
+        pytest.raises(UnsafePathError, match=r"layer 0.*\.\./escape"),
+    ):
+        _apply(proc, tmp_path / "evil.tar", _tar({"../escape": b"x"}))
     assert not (tmp_path / "escape").exists()
     assert _children() == []
 
 
 def test_log_records_reach_the_parent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    layer = _tar({"/abs": b"x"})
-    (tmp_path / "l.tar").write_bytes(layer)
     (tmp_path / "root").mkdir()
-    proc = LayerApplyProcess()
-    try:
-        proc.set_root(tmp_path / "root")
-        fd = os.open(tmp_path / "l.tar", os.O_RDONLY)
+    with _child(tmp_path / "root") as proc:
         with caplog.at_level(logging.WARNING):
-            proc.apply(fd, len(layer), "none", "layer 0")
-        os.close(fd)
+            _apply(proc, tmp_path / "l.tar", _tar({"/abs": b"x"}))
         proc.finish()
-    finally:
-        proc.close()
     assert (tmp_path / "root/abs").read_bytes() == b"x"
     assert any("leading '/'" in r.getMessage() for r in caplog.records)
 
@@ -165,18 +174,9 @@ def test_kill_stops_a_child_waiting_for_bytes(tmp_path: Path) -> None:
 def test_an_error_naming_a_huge_entry_still_comes_back(tmp_path: Path) -> None:
     """A hostile layer's entry name may be megabytes long: the error still arrives as itself
     (cut), not as a crashed child."""
-    evil = _tar({"../" + "x" * 2_000_000: b"x"})
-    (tmp_path / "evil.tar").write_bytes(evil)
     (tmp_path / "root").mkdir()
-    proc = LayerApplyProcess()
-    try:
-        proc.set_root(tmp_path / "root")
-        fd = os.open(tmp_path / "evil.tar", os.O_RDONLY)
-        with pytest.raises(UnsafePathError, match=r"\(cut\)$"):
-            proc.apply(fd, len(evil), "none", "layer 0")
-        os.close(fd)
-    finally:
-        proc.close()
+    with _child(tmp_path / "root") as proc, pytest.raises(UnsafePathError, match=r"\(cut\)$"):
+        _apply(proc, tmp_path / "evil.tar", _tar({"../" + "x" * 2_000_000: b"x"}))
 
 
 def test_a_child_whose_parent_died_before_it_started_stops(tmp_path: Path) -> None:
@@ -225,15 +225,7 @@ os._exit(0)  # dies at once, the child still importing
 def test_a_root_it_cannot_open_is_its_own_error(tmp_path: Path) -> None:
     """set_root() has no reply: when the child fails there and exits, the next call says why
     (not "exited unexpectedly")."""
-    layer = _tar({"a": b"x"})
-    (tmp_path / "l.tar").write_bytes(layer)
-    proc = LayerApplyProcess()
-    try:
-        proc.set_root(tmp_path / "missing")
+    with _child(tmp_path / "missing") as proc:
         time.sleep(1.0)  # it has tried, replied and exited
-        fd = os.open(tmp_path / "l.tar", os.O_RDONLY)
         with pytest.raises(StargzfsError, match="missing"):
-            proc.apply(fd, len(layer), "none", "layer 0")
-        os.close(fd)
-    finally:
-        proc.close()
+            _apply(proc, tmp_path / "l.tar", _tar({"a": b"x"}))
