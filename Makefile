@@ -30,8 +30,10 @@ deps:
 $(BIN)/python: | deps
 	$(PY) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml | deps $(BIN)/python
+# Reinstall only when pyproject.toml (or the pyfuse3 patch) is newer than the stamp. pyfuse3
+# comes first, patched (scripts/build-pyfuse3.sh): the kernel then opens files itself.
+$(STAMP): pyproject.toml scripts/build-pyfuse3.sh scripts/pyfuse3-3.5.0.patch | deps $(BIN)/python
+	scripts/build-pyfuse3.sh $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test]'
 	touch $@
 

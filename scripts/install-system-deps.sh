@@ -10,6 +10,8 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
   # build pyfuse3 (no wheels): compiler, libc and Python headers, libfuse3 via pkg-config
   gcc libc6-dev python3-dev pkg-config libfuse3-dev
+  # apply stargzfs's pyfuse3 patch (scripts/build-pyfuse3.sh)
+  patch
   # runtime: fusermount3
   fuse3
   # the project's virtualenv and the Makefile itself

@@ -149,3 +149,51 @@ def test_stats_xattr_and_access_recording(mounter: Any, mountpoint: Path, tmp_pa
     assert stats["cache"]["stored"] >= 3
     assert "user.stargzfs.stats" not in os.listxattr(mountpoint)
     assert record.read_text().splitlines() == order
+
+
+@pytest.mark.parametrize("kernel_open", [True, False], ids=["kernel-open", "stock-open"])
+def test_kernel_serves_repeats_without_asking(
+    mounter: Any, mountpoint: Path, kernel_open: bool
+) -> None:
+    """With the patched pyfuse3 the kernel opens files and directories itself and caches
+    listings and symlink targets: a second `ls`, `cat` and `readlink` reach no handler (each
+    used to be a round trip: ~100 per `python3 -c 'import json'`). Without it (a stock
+    pyfuse3), file handles are served as before and the results are the same."""
+    from stargzfs.fuse.operations import KERNEL_OPEN
+
+    if kernel_open:
+        assert KERNEL_OPEN, "pyfuse3 lacks stargzfs's patch: `make venv` builds it"
+    argv = [sys.executable, str(RUNNER), str(mountpoint), str(FIXTURES / "basic.esgz")]
+    if not kernel_open:
+        argv.insert(2, "--stock-open")
+    mounter(argv, mountpoint)
+
+    def requests() -> dict[str, int]:
+        stats = json.loads(os.getxattr(mountpoint, "user.stargzfs.stats"))
+        counts: dict[str, int] = stats["fuse_requests"]
+        counts.pop("getxattr", None)  # these very calls
+        return counts
+
+    def work() -> list[object]:
+        return [
+            sorted(os.listdir(mountpoint / "usr/bin")),
+            sorted(os.listdir(mountpoint / "usr/share/doc/sizes")),
+            (mountpoint / "usr/lib/libdemo.so.1").read_bytes(),
+            (mountpoint / "usr/bin/hello").read_bytes(),
+            os.readlink(mountpoint / "usr/bin/hi"),
+            (mountpoint / "usr/lib/libdemo.so").read_bytes(),  # through a symlink
+        ]
+
+    first = work()
+    before = requests()
+    assert work() == first
+    after = requests()
+    repeated = {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+    assert first[4] == "hello" and len(first[2]) == 70000  # type: ignore[arg-type]
+    if kernel_open:
+        assert repeated == {}
+        assert not {"release", "releasedir"} & after.keys()
+        assert after["open"] == after["opendir"] == 1  # answered ENOSYS once, then never asked
+    else:
+        # The kernel asks again each time (exact counts are the kernel's business).
+        assert {"opendir", "readdir", "open", "release", "readlink"} <= repeated.keys()

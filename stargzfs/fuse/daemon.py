@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from ..view import ImageView
-from .operations import ImageOperations
+from .operations import KERNEL_OPEN, ImageOperations
 
 __all__ = ["serve"]
 
@@ -60,9 +60,13 @@ async def serve(
     background_fetch: bool = False,
     record_access: str | None = None,
     ready: Callable[[], None] | None = None,
+    kernel_open: bool = KERNEL_OPEN,
 ) -> None:
-    """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount."""
-    ops = ImageOperations(view, record_access=record_access)
+    """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount.
+
+    ``kernel_open``: let the kernel open files and directories itself (needs the patched
+    pyfuse3, see operations.py); False serves file handles as a stock pyfuse3 does."""
+    ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:
         async with trio.open_nursery() as nursery:

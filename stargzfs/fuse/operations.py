@@ -3,6 +3,13 @@
 Every handler is wrapped so that no exception but ``FUSEError`` reaches pyfuse3 (anything
 else kills the daemon and leaves "Transport endpoint is not connected" behind): the
 project's errors become their errno, anything unexpected becomes EIO with a log line.
+
+With the patched pyfuse3 that ``make venv`` builds (``scripts/build-pyfuse3.sh``), open and
+opendir answer ENOSYS: the kernel then opens files and directories without asking (no open,
+release, opendir or releasedir round trips), keeps their pages and caches directory listings
+(FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR are its defaults for a filesystem without open), and
+caches symlink targets; read and readdir get the inode in place of a file handle. A stock
+pyfuse3 gets file handles as before.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ import json
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+from cachetools import LRUCache
 
 from ..errors import StargzfsError
 from ..index import Node
@@ -28,9 +37,11 @@ log = logging.getLogger(__name__)
 
 # The image never changes under a mount: let the kernel cache names and attributes.
 CACHE_TIMEOUT = 24 * 3600.0
-BLOCK_SIZE = 128 * 1024
+BLOCK_SIZE = 128 * 1024  # st_blksize: makes cp & co. read in large pieces
 # `stargzfs stats` reads this (it is not listed by listxattr, so the image tree is unchanged).
-STATS_XATTR = b"user.stargzfs.stats"  # st_blksize: makes cp & co. read in large pieces
+STATS_XATTR = b"user.stargzfs.stats"
+# pyfuse3 built with scripts/build-pyfuse3.sh: see the module docstring.
+KERNEL_OPEN = "fh_is_inode" in getattr(pyfuse3, "STARGZFS_EXTENSIONS", ())
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
@@ -46,8 +57,13 @@ T = TypeVar("T")
 
 
 def _guard(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    name = func.__name__
+
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        # Requests per operation, for `stargzfs stats`: what the kernel still asks us.
+        cast_self: ImageOperations = args[0]  # type: ignore[assignment]
+        cast_self.requests[name] += 1
         try:
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -68,8 +84,13 @@ class ImageOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, view: ImageView, record_access: str | None = None) -> None:
+    def __init__(
+        self, view: ImageView, record_access: str | None = None, kernel_open: bool = KERNEL_OPEN
+    ) -> None:
         super().__init__()
+        # Read by the patched pyfuse3 at FUSE init (ignored by a stock one).
+        self.fh_is_inode = self.enable_cache_symlinks = kernel_open
+        self.requests: Counter[str] = Counter()
         self.view = view
         # --record-access: each file's path on its first read, in order (for `optimize`).
         self._record = open(record_access, "a", buffering=1) if record_access else None  # noqa: SIM115
@@ -78,6 +99,17 @@ class ImageOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._files: dict[int, Node] = {}
         self._dirs: dict[int, list[Node]] = {}
+        # fh_is_inode: a listing read in several readdir calls, kept between them (dropped
+        # at its end; bounded for listings abandoned midway).
+        self._listings: LRUCache[int, list[Node]] = LRUCache(maxsize=16)
+
+    def init(self) -> None:
+        # The patched pyfuse3 has set fh_is_inode to what the kernel supports by now.
+        log.debug(
+            "kernel opens files and directories itself: %s; caches symlinks: %s",
+            self.fh_is_inode,
+            self.enable_cache_symlinks,
+        )
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -139,20 +171,29 @@ class ImageOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.fh_is_inode:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens it, and later ones, itself
         fh = self._new_fh()
         self._dirs[fh] = self.tree.children(node)
         return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        children = self._dirs.get(fh)
-        if children is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.fh_is_inode:
+            children = self._listings.pop(fh, None)
+            if children is None:
+                children = self.tree.children(self._node(fh))
+        else:
+            children = self._dirs.get(fh)
+            if children is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
         for i in range(start_id, len(children)):
             node = children[i]
             if not pyfuse3.readdir_reply(
                 token, os.fsencode(node.entry.name), self._attr(node), i + 1
             ):
+                if self.fh_is_inode:
+                    self._listings[fh] = children
                 break
 
     @_guard
@@ -168,6 +209,8 @@ class ImageOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.entry.kind != "reg":
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.fh_is_inode:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens it, and later ones, itself
         fh = self._new_fh()
         self._files[fh] = node
         # keep_cache: the page cache stays valid across opens (the image is immutable).
@@ -175,7 +218,7 @@ class ImageOperations(pyfuse3.Operations):
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._files.get(fh)
+        node = self._node(fh) if self.fh_is_inode else self._files.get(fh)
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if self._record is not None and node.ino not in self._recorded:
@@ -200,7 +243,8 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
-            return json.dumps(self.view.stats()).encode()
+            stats = self.view.stats() | {"fuse_requests": dict(self.requests)}
+            return json.dumps(stats).encode()
         xattrs = self._node(inode).entry.xattrs
         value = xattrs.get(os.fsdecode(name))
         if value is None:
