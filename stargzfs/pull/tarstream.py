@@ -367,18 +367,19 @@ class TarReader:
             devmajor = self._num(f[13], "devmajor", off)
             devminor = self._num(f[14], "devminor", off)
         name = f[0].split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-        if typeflag == b"\x00" and name.endswith("/"):
-            typeflag = b"5"  # V7: a directory is a file whose name ends in a slash
-        kind = TYPES.get(typeflag, "other")
-        if kind == "dir":
-            name = name.rstrip("/")
         prefix = f[15]
         if prefix[0] and f[9] == b"ustar\x00" and typeflag != b"S":
             name = _str(prefix) + "/" + name
-            if kind == "dir":
-                name = name.rstrip("/")
         if long_name is not None:
-            name = long_name.removesuffix("/") if kind == "dir" else long_name
+            name = long_name
+        # V7: a directory is a file whose name ends in a slash. The whole name decides, as in
+        # GNU tar and Go's archive/tar (tarfile looks at the header's truncated field: a GNU
+        # long name cut after a slash made a file a directory and its data a bad header).
+        if typeflag == b"\x00" and name.endswith("/"):
+            typeflag = b"5"
+        kind = TYPES.get(typeflag, "other")
+        if kind == "dir":
+            name = name.removesuffix("/") if long_name is not None else name.rstrip("/")
         m = TarMember(
             name,
             kind,
