@@ -320,6 +320,19 @@ class LayerIndex:
         ).fetchone()
         return None if row is None else self._entry(row)
 
+    def lookup_with(self, parent: int, name: str, other: str) -> tuple[Entry | None, bool]:
+        """``lookup(parent, name)`` and whether ``other`` exists there too, in one query."""
+        entry, seen = None, False
+        for row in self._db.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE parent=? AND name IN (?, ?)",
+            (parent, name, other),
+        ):
+            if row[2] == name:
+                entry = self._entry(row)
+            else:
+                seen = True
+        return entry, seen
+
     def resolve(self, path: str) -> Entry | None:
         """The entry at a layer-relative path (symlinks are not followed)."""
         entry = self.get(ROOT_ID)

@@ -102,9 +102,17 @@ class MergedTree:
             return None
         found: Node | None = None
         stack: list[tuple[int, int]] = []
-        for pos, dir_row in parent.sources:
+        last = len(parent.sources) - 1
+        whiteout = WHITEOUT_PREFIX + name
+        for i, (pos, dir_row) in enumerate(parent.sources):
             layer = self.layers[pos]
-            entry = layer.lookup(dir_row, name)
+            # One query for the name and its whiteout (a lookup is a FUSE round trip; the
+            # programs' probes for missing names are most of them). The lowest layer's
+            # whiteouts hide nothing.
+            if i == last:
+                entry, whited_out = layer.lookup(dir_row, name), False
+            else:
+                entry, whited_out = layer.lookup_with(dir_row, name, whiteout)
             if entry is not None:
                 if found is None:
                     found = Node(self._ino(pos, entry), pos, entry)
@@ -113,7 +121,7 @@ class MergedTree:
                 stack.append((pos, entry.id))
                 if layer.lookup(entry.id, OPAQUE_MARKER) is not None:
                     break  # opaque: lower layers' children are hidden
-            if layer.lookup(dir_row, WHITEOUT_PREFIX + name) is not None:
+            if whited_out:
                 break  # whited out for the layers below this one
         if found is None:
             return None
