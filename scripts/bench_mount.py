@@ -615,6 +615,7 @@ class MountRun:
     first: float  # first workload run
     stats: dict[str, Any] | None  # after the run, once prefetch finished
     rss_ready: float  # daemon RSS right after mounting (MB)
+    requests: dict[str, int]  # FUSE requests the first run sent the daemon, per operation
 
     @property
     def total(self) -> float:
@@ -625,8 +626,25 @@ def mount_and_run(ref: str, mnt: Path, cache: Path, *extra: str) -> MountRun:
     """Mount, run the workload once, wait for prefetch; the mount stays for more."""
     ready = mount(ref, mnt, cache, extra=extra)
     rss, _ = daemon_rss(mnt)
+    before = fuse_requests(mnt)
     first = run_workload(mnt)
-    return MountRun(ready, first, wait_prefetch(mnt), rss)
+    requests = diff_counts(fuse_requests(mnt), before)
+    return MountRun(ready, first, wait_prefetch(mnt), rss, requests)
+
+
+def fuse_requests(mnt: Path) -> dict[str, int]:
+    """Requests per FUSE operation so far (`stargzfs stats`), less the stats calls."""
+    counts = dict((mount_stats(mnt) or {}).get("fuse_requests") or {})
+    counts.pop("getxattr", None)
+    return counts
+
+
+def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+def show_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
 
 
 def pull_stargzfs(ref: str, dest: Path, pull_help: str) -> float | None:
@@ -971,7 +989,9 @@ def measure(
             umount(mnt)
         warms.append(mount_and_run(esgz_ref, mnt, cache))
     warm_runs = [w.first for w in warms]
+    before_more = fuse_requests(mnt)
     more = [run_workload(mnt) for _ in range(5)]
+    more_requests = diff_counts(fuse_requests(mnt), before_more)
     warm_first = median(warm_runs)
     res.add(
         "(3) warm remount + workload",
@@ -988,6 +1008,11 @@ def measure(
         "    ratio (3)/(4), later runs (page cache warm)",
         f"{median(more) / median(local[1:]):.2f}x",
         f"{median(more):.3f} vs {median(local[1:]):.3f} s",
+    )
+    res.add(
+        "    FUSE requests: first run / 5 later runs",
+        f"{sum(warms[-1].requests.values())} / {sum(more_requests.values())}",
+        f"first: {show_counts(warms[-1].requests)}; later: {show_counts(more_requests)}",
     )
     last = warms[-1].stats
     if last is not None:
