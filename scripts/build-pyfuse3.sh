@@ -18,9 +18,15 @@ SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PATCH=$here/pyfuse3-$VERSION.patch
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
-patched() {
-  "$PY" -c 'import sys, pyfuse3
-sys.exit("fh_is_inode" not in getattr(pyfuse3, "STARGZFS_EXTENSIONS", ()))' 2>/dev/null
+# The patch sets this version (PKG-INFO); bump both when the patch changes.
+PATCHED_VERSION=$VERSION+stargzfs1
+
+patched() {  # from the metadata: importing pyfuse3 needs trio, maybe not installed yet
+  "$PY" -c 'import sys, importlib.metadata as m
+try:
+    sys.exit(m.version("pyfuse3") != sys.argv[1])
+except m.PackageNotFoundError:
+    sys.exit(1)' "$PATCHED_VERSION"
 }
 patched && exit 0
 
@@ -45,5 +51,9 @@ if [ -z "$wheel" ]; then
   cp "$built" "$cache/.$$.tmp" && mv "$cache/.$$.tmp" "$cache/$(basename "$built")"
   wheel=$cache/$(basename "$built")
 fi
-"${PIP[@]}" install --no-deps --force-reinstall "$wheel"
-patched || { echo "build-pyfuse3: $wheel installed but pyfuse3 is not the patched one" >&2; exit 1; }
+"${PIP[@]}" install "$wheel"  # replaces a stock pyfuse3; brings trio if missing
+"$PY" -c 'import sys, pyfuse3
+sys.exit("fh_is_inode" not in getattr(pyfuse3, "STARGZFS_EXTENSIONS", ()))' || {
+  echo "build-pyfuse3: $wheel installed but pyfuse3 is not the patched one" >&2
+  exit 1
+}
