@@ -596,17 +596,18 @@ def test_pax_values_and_xattrs() -> None:
     assert m.pax_headers["SCHILY.xattr.user.k"] == "v\udcff"
 
 
-def test_v7_directory_rule_uses_the_whole_gnu_long_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["gnu", "pax"])
+def test_v7_directory_rule_uses_the_whole_name(tmp_path: Path, fmt: int) -> None:
     """A file without a type byte is a directory when its name ends in a slash: the whole
-    (GNU long) name, as GNU tar and Go's archive/tar decide, not the 100-byte header field
-    cut after a slash (found by the property test above: the file's data was then read as a
-    header, 'bad header checksum')."""
+    (GNU long or pax) name, as GNU tar and Go's archive/tar decide, not the 100-byte header
+    field cut after a slash (found by the property test above: the file's data was then read
+    as a header, 'bad header checksum')."""
     name = "./" + "k" * 25 + "/" + "k" * 33 + "/" + "k" * 37 + "/" + "k" * 20
     assert name[:100].endswith("/") and not name.endswith("/")
     info = tarfile.TarInfo(name)
     info.type = tarfile.AREGTYPE
     info.size = 1
-    blob = info.tobuf(tarfile.GNU_FORMAT) + b"\xd8" + bytes(511) + bytes(2 * BLOCK)
+    blob = info.tobuf(fmt) + b"\xd8" + bytes(511) + bytes(2 * BLOCK)
     archive = tmp_path / "a.tar"
     archive.write_bytes(blob)
     listing = subprocess.run(

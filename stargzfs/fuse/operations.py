@@ -88,8 +88,9 @@ class ImageOperations(pyfuse3.Operations):
         self, view: ImageView, record_access: str | None = None, kernel_open: bool = KERNEL_OPEN
     ) -> None:
         super().__init__()
-        # Read by the patched pyfuse3 at FUSE init (ignored by a stock one).
-        self.fh_is_inode = self.enable_cache_symlinks = kernel_open
+        # Read by the patched pyfuse3 at FUSE init; a stock one ignores them, so they must
+        # stay False there (the kernel would send file handle 0 for every file).
+        self.fh_is_inode = self.enable_cache_symlinks = kernel_open and KERNEL_OPEN
         self.requests: Counter[str] = Counter()
         self.view = view
         # --record-access: each file's path on its first read, in order (for `optimize`).

@@ -139,7 +139,9 @@ class MergedTree:
             return []
         cached = self._children.get(parent.ino)
         if cached is None:
-            cached = self._children[parent.ino] = self._list(parent)
+            cached = self._list(parent)
+            if len(cached) <= CHILDREN_CACHE_ENTRIES:  # a bigger one would not fit: ValueError
+                self._children[parent.ino] = cached
         return cached
 
     def _list(self, parent: Node) -> list[Node]:

@@ -372,10 +372,17 @@ class TarReader:
             name = _str(prefix) + "/" + name
         if long_name is not None:
             name = long_name
-        # V7: a directory is a file whose name ends in a slash. The whole name decides, as in
-        # GNU tar and Go's archive/tar (tarfile looks at the header's truncated field: a GNU
-        # long name cut after a slash made a file a directory and its data a bad header).
-        if typeflag == b"\x00" and name.endswith("/"):
+        # V7: a directory is a file whose name ends in a slash. The whole name decides (a pax
+        # path, a GNU long name, prefix + name), as in GNU tar and Go's archive/tar; tarfile
+        # looks at the header's truncated field: a long name cut after a slash made a file a
+        # directory and its data a bad header. An empty name field after a prefix is a
+        # directory too, as in Go (tarfile: a file).
+        whole = name
+        if local is not None and local.get("path"):
+            whole = local["path"]
+        elif self._globals.get("path"):
+            whole = self._globals["path"]
+        if typeflag == b"\x00" and whole.endswith("/"):
             typeflag = b"5"
         kind = TYPES.get(typeflag, "other")
         if kind == "dir":
