@@ -91,3 +91,18 @@ async def test_opaque_root_and_same_layer_whiteout() -> None:
     )
     tree = MergedTree([lower, upper])
     assert [p for p, _ in tree.walk()] == ["c"]
+
+
+async def test_a_listing_bigger_than_the_children_cache_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A directory with more entries than the whole children cache holds (500,000) is listed
+    uncached: cachetools raises ValueError for an item bigger than the cache (that was EIO)."""
+    from stargzfs.index import merged
+
+    monkeypatch.setattr(merged, "CHILDREN_CACHE_ENTRIES", 2)
+    tree, _ = await two_layer_tree()
+    root = tree.get(merged.MERGED_ROOT_INO)
+    first = [n.entry.name for n in tree.children(root)]
+    assert len(first) > 2
+    assert [n.entry.name for n in tree.children(root)] == first
