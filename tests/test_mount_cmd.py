@@ -96,6 +96,8 @@ def test_mount_merged_image_from_registry(fixture_image: str, mnt: Path, tmp_pat
     assert len(layers) == 2 and layers[0]["bytes_fetched"] > 0
     table = stargzfs("stats", str(mnt))
     assert "cache:" in table.stdout and table.returncode == 0
+    # what the kernel still asks the daemon (check_tree listed and looked up everything)
+    assert "kernel requests: " in table.stdout and " readdir" in table.stdout
     assert stargzfs("stats", str(tmp_path)).returncode == 2
     assert stargzfs("umount", str(mnt)).returncode == 0
     assert not is_mounted(mnt)

@@ -307,4 +307,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"cache: {cache['memory_hits']} memory hits, {cache['disk_hits']} disk hits, "
         f"{cache['misses']} misses, {cache['stored']} stored, {cache['corrupt']} corrupt"
     )
+    requests: dict[str, int] = stats.get("fuse_requests") or {}
+    requests.pop("getxattr", None)  # mostly `stargzfs stats` itself
+    ranked = sorted(requests.items(), key=lambda kv: (-kv[1], kv[0]))
+    print("kernel requests: " + (", ".join(f"{n} {op}" for op, n in ranked) or "none"))
     return 0
