@@ -244,7 +244,10 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
-            stats = self.view.stats() | {"fuse_requests": dict(self.requests)}
+            stats = self.view.stats() | {
+                "fuse_requests": dict(self.requests),
+                "kernel_open": self.fh_is_inode,  # False: a stock pyfuse3 (or an old kernel)
+            }
             return json.dumps(stats).encode()
         xattrs = self._node(inode).entry.xattrs
         value = xattrs.get(os.fsdecode(name))
