@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from ..view import ImageView
-from .operations import KERNEL_OPEN, ImageOperations
+from .operations import ImageOperations
 
 __all__ = ["serve"]
 
@@ -60,12 +60,12 @@ async def serve(
     background_fetch: bool = False,
     record_access: str | None = None,
     ready: Callable[[], None] | None = None,
-    kernel_open: bool = KERNEL_OPEN,
+    kernel_open: bool = True,
 ) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount.
 
-    ``kernel_open``: let the kernel open files and directories itself (needs the patched
-    pyfuse3, see operations.py); False serves file handles as a stock pyfuse3 does."""
+    ``kernel_open``: let the kernel open files and directories itself where the patched
+    pyfuse3 is installed (see operations.py); False serves file handles as with a stock one."""
     ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:

@@ -62,8 +62,8 @@ def _guard(func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[A
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         # Requests per operation, for `stargzfs stats`: what the kernel still asks us.
-        cast_self: ImageOperations = args[0]  # type: ignore[assignment]
-        cast_self.requests[name] += 1
+        ops: ImageOperations = args[0]  # type: ignore[assignment]
+        ops.requests[name] += 1
         try:
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -85,11 +85,12 @@ class ImageOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, view: ImageView, record_access: str | None = None, kernel_open: bool = KERNEL_OPEN
+        self, view: ImageView, record_access: str | None = None, kernel_open: bool = True
     ) -> None:
         super().__init__()
-        # Read by the patched pyfuse3 at FUSE init; a stock one ignores them, so they must
-        # stay False there (the kernel would send file handle 0 for every file).
+        # kernel_open: where the patched pyfuse3 is installed (False: file handles anyway).
+        # Read by it at FUSE init; a stock one ignores them, so they must stay False there
+        # (the kernel would send file handle 0 for every file).
         self.fh_is_inode = self.enable_cache_symlinks = kernel_open and KERNEL_OPEN
         self.requests: Counter[str] = Counter()
         self.view = view
