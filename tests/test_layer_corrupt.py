@@ -32,7 +32,7 @@ from stargzfs.errors import (
     StargzfsError,
     UnsafePathError,
 )
-from stargzfs.formats.decompress import inflate_gzip_members
+from stargzfs.formats.decompress import gzip_backend, inflate_gzip_members
 from stargzfs.formats.footer import LayerFormat, estargz_footer, parse_footer
 from stargzfs.formats.layer import detect_format, read_toc
 from stargzfs.index import LayerIndex
@@ -248,7 +248,18 @@ async def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
         tracemalloc.stop()
 
 
-async def test_gzip_chunk_bomb_is_never_inflated() -> None:
+@pytest.fixture(params=["zlib", "zlib-ng", "isal"])
+def gzip_backend_name(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each gzip inflater in turn for chunk decompression (isal is the one installed)."""
+    monkeypatch.setenv("STARGZFS_GZIP", request.param)
+    gzip_backend.cache_clear()
+    yield request.param
+    monkeypatch.delenv("STARGZFS_GZIP")
+    gzip_backend.cache_clear()
+
+
+async def test_gzip_chunk_bomb_is_never_inflated(gzip_backend_name: str) -> None:
+    assert gzip_backend()[0] == gzip_backend_name
     bomb = gzip_bomb(b"hello", 128)
     out, peak = await peak_memory(lambda: inflate_gzip_members(bomb, 5))
     assert out == b"hello" and peak < 4 << 20
@@ -257,6 +268,13 @@ async def test_gzip_chunk_bomb_is_never_inflated() -> None:
     assert out == b"abhello" and peak < 4 << 20
     with pytest.raises(FormatError, match="truncated"):
         inflate_gzip_members(gzip.compress(b"ab"), 3)
+    # a chunk is a run of members; what follows its declared size is never inflated
+    run = gzip.compress(b"x" * 5000) + gzip.compress(b"y" * 7000) + b"trailing junk"
+    assert inflate_gzip_members(run, 9000) == b"x" * 5000 + b"y" * 4000
+    damaged = bytearray(gzip.compress(bytes(range(256)) * 64))
+    damaged[-6] ^= 0xFF  # the member's CRC-32
+    with pytest.raises(FormatError, match="corrupt gzip"):
+        inflate_gzip_members(bytes(damaged), 256 * 64)
 
 
 async def test_bomb_behind_a_file_reads_only_its_declared_size() -> None:

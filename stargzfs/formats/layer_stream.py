@@ -5,18 +5,15 @@ mount is :mod:`stargzfs.formats.decompress`.)"""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import importlib
 import io
-import os
 import queue
 import threading
-import zlib
 from typing import IO, Any, Literal
 
 from ..errors import FormatError
+from .decompress import gzip_backend
 
 __all__ = ["Decompressor", "ThreadedDecompressor", "gzip_backend", "open_decompressed"]
 
@@ -39,27 +36,6 @@ def _with_readinto(raw: Any) -> Any:
             return len(data)
 
     return _ReadInto()
-
-
-@functools.lru_cache(maxsize=1)
-def gzip_backend() -> tuple[str, Any, tuple[type[Exception], ...]]:
-    """The fastest inflater installed: ``isal`` (ISA-L, ~2.5x zlib), ``zlib-ng``, else
-    ``zlib``. ``STARGZFS_GZIP=zlib|isal|zlib-ng`` forces one (benchmarks)."""
-    wanted = os.environ.get("STARGZFS_GZIP", "")
-    module: Any
-    if wanted in ("", "isal"):
-        try:
-            module = importlib.import_module("isal.isal_zlib")
-            return "isal", module, (module.error, zlib.error)
-        except ImportError:
-            pass
-    if wanted in ("", "zlib-ng", "isal"):
-        try:
-            module = importlib.import_module("zlib_ng.zlib_ng")
-            return "zlib-ng", module, (module.error, zlib.error)
-        except ImportError:
-            pass
-    return "zlib", zlib, (zlib.error,)
 
 
 class Decompressor(io.RawIOBase):
