@@ -466,6 +466,20 @@ async def test_range_body_cut_short_is_retried(autojump_clock: trio.testing.Mock
         assert client.stats.retries == 1
 
 
+async def test_range_body_longer_than_asked_is_an_error() -> None:
+    fake = blob_fake()
+    fake.before = lambda r: (
+        httpx.Response(
+            206, headers={"Content-Range": f"bytes 10-13/{len(BLOB)}"}, content=BLOB[10:30]
+        )
+        if "/blobs/" in r.url.path
+        else None
+    )
+    async with fake.client() as client:
+        with pytest.raises(RegistryError, match="more bytes than announced"):
+            await client.get_blob_range(REPO, DIGEST, 10, 4)
+
+
 async def test_stream_verifies_and_offsets() -> None:
     fake = blob_fake()
     fake.blobs[DIGEST] = BLOB[:-1] + b"!"
