@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--log-file", help="daemon log (default: none when daemonized)")
     p.set_defaults(func=cmd_mount)
 
-    st = sub.add_parser("stats", help="traffic, cache and prefetch figures of a mount")
+    st = sub.add_parser(
+        "stats", help="traffic, cache, prefetch and kernel-request figures of a mount"
+    )
     st.add_argument("mountpoint")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_stats)
