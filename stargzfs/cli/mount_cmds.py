@@ -310,7 +310,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"{cache['misses']} misses, {cache['stored']} stored, {cache['corrupt']} corrupt"
     )
     requests: dict[str, int] = stats.get("fuse_requests") or {}
-    requests.pop("getxattr", None)  # mostly `stargzfs stats` itself
     ranked = sorted(requests.items(), key=lambda kv: (-kv[1], kv[0]))
     how = "" if stats.get("kernel_open") else " (file handles: pyfuse3 without stargzfs's patch)"
     print(f"kernel requests{how}: " + (", ".join(f"{n} {op}" for op, n in ranked) or "none"))

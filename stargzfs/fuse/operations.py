@@ -102,7 +102,9 @@ class ImageOperations(pyfuse3.Operations):
         self._files: dict[int, Node] = {}
         self._dirs: dict[int, list[Node]] = {}
         # fh_is_inode: a listing read in several readdir calls, kept between them (dropped
-        # at its end; bounded for listings abandoned midway).
+        # at its end; bounded for listings abandoned midway). The tree caches listings too,
+        # but not those too big for its cache: without this, each readdir call of a
+        # directory of 500,000+ entries would list it all again.
         self._listings: LRUCache[int, list[Node]] = LRUCache(maxsize=16)
 
     def init(self) -> None:
@@ -245,6 +247,10 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            # Reading the stats is not a request of the workload's: not counted.
+            self.requests["getxattr"] -= 1
+            if not self.requests["getxattr"]:
+                del self.requests["getxattr"]
             stats = self.view.stats() | {
                 "fuse_requests": dict(self.requests),
                 "kernel_open": self.fh_is_inode,  # False: a stock pyfuse3 (or an old kernel)
