@@ -649,3 +649,46 @@ def test_warm_remount_is_ready_with_prioritized_files_in_the_kernel(
     after = json.loads(stargzfs("stats", str(mnt), "--json").stdout)["cache"]
     assert after["misses"] == before["misses"] == 0
     assert after["memory_hits"] + after["disk_hits"] == before["memory_hits"] + before["disk_hits"]
+
+
+def test_warm_remount_asks_the_kernel_what_the_last_mount_was_asked(
+    fixture_image: str, mnt: Path, tmp_path: Path
+) -> None:
+    """A program's first run probes names that do not exist, follows symlinks and lists
+    directories; no TOC says which. The last mount of the image saw them: a remount asks the
+    kernel the same before it is ready, so the same run then asks the daemon nothing."""
+    log = tmp_path / "daemon.log"
+    cache = tmp_path / "c"
+    args = ("mount", fixture_image, str(mnt), "--cache-dir", str(cache), "--log-file", str(log))
+
+    def requests() -> dict[str, int]:
+        counts: dict[str, int] = json.loads(stargzfs("stats", str(mnt), "--json").stdout)[
+            "fuse_requests"
+        ]
+        return counts
+
+    def work() -> list[object]:
+        probes = ["usr/lib/python3.11.zip", "etc/ld.so.preload", "usr/bin/nope", "etc/passwd"]
+        return [
+            [os.path.lexists(mnt / p) for p in probes],
+            os.readlink(mnt / "usr/bin/hi"),
+            sorted(os.listdir(mnt / "usr/share/doc/sizes")),
+            os.lstat(mnt / "usr/share/doc/sizes/size-1").st_size,
+        ]
+
+    assert stargzfs(*args).returncode == 0
+    first = work()
+    assert first[0] == [False, False, False, True]
+    asked = requests()
+    assert asked["lookup"] >= 8 and asked["readlink"] == 1
+    assert stargzfs("umount", str(mnt)).returncode == 0  # returns once the trace is saved
+    assert [p.suffix for p in (cache / "traces").iterdir()] == [".json"]
+
+    log.write_text("")
+    assert stargzfs(*args).returncode == 0
+    text = log.read_text()
+    assert "names the last mount was asked" in text, text
+    assert text.index("names the last mount was asked") < text.index("mounted ")
+    before = requests()
+    assert work() == first
+    assert requests() == before  # every name, missing ones too, was in the kernel's caches

@@ -9,6 +9,7 @@ soon as ``stargzfs mount`` returns, and a failure leaves no mount behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -190,6 +191,7 @@ def _ready(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace) -> int:
     from ..cache import ChunkCache
     from ..fuse.daemon import serve
+    from ..fuse.lookup_trace import trace_file
     from ..open_image import open_image
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -207,8 +209,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
                 position = opened.find_layer(args.layer)
                 view = ImageView([await opened.layer_view(position, cache_dir)], cache=cache)
+                digests = [opened.layers[position].digest]
             else:
                 view = await opened.view(cache_dir=cache_dir, cache=cache)
+                digests = [layer.digest for layer in opened.layers]
             await serve(
                 view,
                 args.mountpoint,
@@ -217,6 +221,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 background_fetch=args.background_fetch,
                 record_access=args.record_access,
                 ready=lambda: _ready(args),
+                trace_file=trace_file(cache_dir, digests),
             )
     except StargzfsError as e:
         _report(f"{e.exit_code} {e}")
@@ -261,9 +266,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"{args.mountpoint}: not a stargzfs mount ({fstype} from {source}); "
             "use --force to unmount it anyway"
         )
+    pid = _daemon_pid(mnt) if is_stargzfs_mount(fstype, source) else None
     fusermount = shutil.which("fusermount3") or "fusermount3"
     result = subprocess.run([fusermount, "-u", mnt], capture_output=True, text=True, check=False)
     if mount_at(mnt) is None:  # unmounted (by us, or just now by auto_unmount's helper)
+        if pid is not None:
+            _wait_for_exit(pid)
         return 0
     # Busy (an open file, a process's cwd): detach it now, it goes when they let go.
     lazy = subprocess.run([fusermount, "-uz", mnt], capture_output=True, text=True, check=False)
@@ -277,6 +285,43 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return 0
     why = (lazy.stderr or result.stderr).strip() or "fusermount3 failed"
     raise StargzfsError(f"{args.mountpoint}: could not unmount: {why}")
+
+
+def _daemon_pid(mnt: str, timeout: float = 2.0) -> int | None:
+    """The serving daemon's pid from its stats, or None: a dead mount (ENOTCONN), another
+    daemon. From a thread, so that a hung daemon cannot hang `umount` too."""
+    import json
+    import threading
+
+    found: list[int] = []
+
+    def ask() -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            pid = json.loads(os.getxattr(mnt, "user.stargzfs.stats")).get("pid")
+            if isinstance(pid, int) and pid > 0:
+                found.append(pid)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(timeout)
+    return found[0] if found else None
+
+
+def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """Once unmounted, the daemon saves what the next mount reuses (its lookup trace) and
+    exits: `umount` returns after that, as `docker stop` does."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rpartition(b")")[2].split()[0] == b"Z":
+                    return  # exited, its parent has not reaped it yet
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+    log.debug("daemon %d still running %.0f s after the unmount", pid, timeout)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -14,12 +14,14 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 import trio
 
 from ..view import ImageView
+from .lookup_trace import LookupTrace, load_trace, replay, save_trace, usable_entries
 from .operations import ImageOperations
 
 __all__ = ["serve"]
@@ -61,12 +63,18 @@ async def serve(
     record_access: str | None = None,
     ready: Callable[[], None] | None = None,
     kernel_open: bool = True,
+    trace_file: str | None = None,
 ) -> None:
     """Mount ``view`` at ``mountpoint`` and serve until SIGTERM/SIGINT or an unmount.
 
     ``kernel_open``: let the kernel open files and directories itself where the patched
-    pyfuse3 is installed (see operations.py); False serves file handles as with a stock one."""
-    ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open)
+    pyfuse3 is installed (see operations.py); False serves file handles as with a stock one.
+    ``trace_file``: where this image's lookup trace is kept (see lookup_trace.py): a warm
+    remount asks the kernel what the last mount was asked before it is ready, and this
+    mount's requests are saved there when it ends."""
+    trace = LookupTrace() if trace_file else None
+    last_trace = load_trace(trace_file) if trace_file else []
+    ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open, trace=trace)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:
         async with trio.open_nursery() as nursery:
@@ -77,12 +85,19 @@ async def serve(
             nursery.start_soon(trio.to_thread.run_sync, view.cache.scan)
             # Warming the kernel reads through the mount: that would record accesses.
             warm = mountpoint if record_access is None else None
-            nursery.start_soon(_start, view, prefetch, background_fetch, warm, ready, nursery)
+            nursery.start_soon(
+                _start, view, prefetch, background_fetch, warm, ready, nursery, last_trace
+            )
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        if trace is not None and trace_file is not None and len(trace):
+            try:
+                save_trace(trace_file, trace.entries(view.tree))
+            except Exception as e:  # only costs the next mount speed
+                log.warning("could not save the lookup trace %s: %s", trace_file, e)
 
 
 async def _start(
@@ -92,14 +107,17 @@ async def _start(
     warm: str | None,
     ready: Callable[[], None] | None,
     nursery: trio.Nursery,
+    last_trace: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Say the mount is ready and start each layer's background work.
 
     On a remount whose prioritized files are all in the disk cache, they are first loaded
-    into memory and read once through the mount (at most ``READY_WARM_BUDGET`` seconds): no
-    request is needed, and the workload they were recorded from then starts at page-cache
-    speed instead of racing the warm-up. Otherwise ready comes at once and the prefetch
-    follows in the background, on-demand reads first."""
+    into memory and read once through the mount, and meanwhile the names the last mount of
+    the image was asked are asked again (together at most ``READY_WARM_BUDGET`` seconds):
+    no registry request is needed, and the workload then starts at page-cache speed with
+    its names, missing ones included, in the kernel's caches, instead of racing the warm-up.
+    Otherwise ready comes at once and the prefetch follows in the background, on-demand
+    reads first."""
     layers = range(len(view.layers))
     local = prefetch and warm is not None
     try:
@@ -115,10 +133,12 @@ async def _start(
             await _fetch_layer(view, position, True, False, warm)
             warmed.add(position)
 
-        with trio.move_on_after(READY_WARM_BUDGET):
+        with trio.move_on_after(READY_WARM_BUDGET) as budget:
             async with trio.open_nursery() as warming:
                 for position in layers:
                     warming.start_soon(warm_one, position)
+                if last_trace and warm is not None:
+                    warming.start_soon(_replay, view, warm, last_trace, budget.deadline)
     if ready is not None:
         ready()
     for position in layers:
@@ -147,10 +167,8 @@ async def _fetch_layer(
                 # Only what the merged tree has as a regular file at that path (an upper
                 # layer may have put a symlink or a directory there).
                 paths = [p for p in paths if _is_regular(view, p)]
-                # Its own limiter: these threads wait on our own FUSE handlers, which need
-                # trio's default thread tokens (disk cache, inflate) to answer them.
                 done = await trio.to_thread.run_sync(
-                    _read_through, warm, paths, abandon_on_cancel=True, limiter=_warm_limiter()
+                    _read_through, warm, paths, abandon_on_cancel=True, limiter=_own_limiter(_WARM)
                 )
                 log.info("%s: %d prioritized files in the kernel's caches", name, done)
         if rest:
@@ -160,17 +178,31 @@ async def _fetch_layer(
         log.warning("background fetch of %s failed: %s", name, e)
 
 
-def _warm_limiter() -> trio.CapacityLimiter:
-    """One warming thread at a time, per trio run."""
+async def _replay(
+    view: ImageView, mountpoint: str, entries: Sequence[tuple[str, str]], deadline: float
+) -> None:
+    usable = usable_entries(view.tree, entries)  # the tree's queries stay on the loop
+    # The thread stops by itself at the deadline (trio's clock is time.monotonic here).
+    until = time.monotonic() + (deadline - trio.current_time())
+    asked = await trio.to_thread.run_sync(
+        replay, mountpoint, usable, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
+    )
+    log.info("asked the kernel %d of the %d names the last mount was asked", asked, len(entries))
+
+
+def _own_limiter(var: trio.lowlevel.RunVar[trio.CapacityLimiter]) -> trio.CapacityLimiter:
+    """One thread at a time, per trio run. Not the default limiter's threads: threads going
+    through the mount wait on handlers that need those (disk cache, inflate)."""
     try:
-        return _WARM.get()
+        return var.get()
     except LookupError:
         limiter = trio.CapacityLimiter(1)
-        _WARM.set(limiter)
+        var.set(limiter)
         return limiter
 
 
 _WARM: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("stargzfs.warm")
+_REPLAY: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("stargzfs.replay")
 
 
 def _is_regular(view: ImageView, path: str) -> bool:

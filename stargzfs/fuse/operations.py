@@ -30,6 +30,7 @@ from cachetools import LRUCache
 from ..errors import StargzfsError
 from ..index import Node
 from ..view import ImageView
+from .lookup_trace import LookupTrace
 
 __all__ = ["ImageOperations"]
 
@@ -85,7 +86,11 @@ class ImageOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, view: ImageView, record_access: str | None = None, kernel_open: bool = True
+        self,
+        view: ImageView,
+        record_access: str | None = None,
+        kernel_open: bool = True,
+        trace: LookupTrace | None = None,
     ) -> None:
         super().__init__()
         # kernel_open: where the patched pyfuse3 is installed (False: file handles anyway).
@@ -93,6 +98,8 @@ class ImageOperations(pyfuse3.Operations):
         # (the kernel would send file handle 0 for every file).
         self.fh_is_inode = self.enable_cache_symlinks = kernel_open and KERNEL_OPEN
         self.requests: Counter[str] = Counter()
+        # The name requests, for the next mount of the image to ask before ready.
+        self.trace = trace
         self.view = view
         # --record-access: each file's path on its first read, in order (for `optimize`).
         self._record = open(record_access, "a", buffering=1) if record_access else None  # noqa: SIM115
@@ -151,6 +158,8 @@ class ImageOperations(pyfuse3.Operations):
             return self._attr(parent)
         if text == "..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
+        if self.trace is not None:
+            self.trace.lookup(parent_inode, name)
         node = self.tree.lookup(parent, text)
         if node is None:
             # Inode 0 with a timeout is a negative entry the kernel caches: programs probe
@@ -166,6 +175,8 @@ class ImageOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.entry.kind != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.trace is not None:
+            self.trace.readlink(inode)
         return os.fsencode(node.entry.linkname)
 
     # -- directories --------------------------------------------------------------------
@@ -177,6 +188,8 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if self.fh_is_inode:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens it, and later ones, itself
+        if self.trace is not None:
+            self.trace.readdir(inode)
         fh = self._new_fh()
         self._dirs[fh] = self.tree.children(node)
         return fh
@@ -184,6 +197,8 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         if self.fh_is_inode:
+            if self.trace is not None and start_id == 0:
+                self.trace.readdir(fh)
             children = self._listings.pop(fh, None)
             if children is None:
                 children = self.tree.children(self._node(fh))
@@ -253,6 +268,7 @@ class ImageOperations(pyfuse3.Operations):
                 del self.requests["getxattr"]
             stats = self.view.stats() | {
                 "fuse_requests": dict(self.requests),
+                "pid": os.getpid(),  # `stargzfs umount` waits for it to exit
                 "kernel_open": self.fh_is_inode,  # False: a stock pyfuse3 (or an old kernel)
             }
             return json.dumps(stats).encode()

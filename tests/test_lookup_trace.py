@@ -1,0 +1,124 @@
+"""The lookup trace a mount leaves for the next mount of its image (fuse/lookup_trace.py):
+inodes become image paths, the file survives anything, and a replay never leaves the tree."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from layer_helpers import FIXTURES
+from test_merged_tree import two_layer_tree
+
+from stargzfs.fuse.lookup_trace import (
+    LookupTrace,
+    load_trace,
+    replay,
+    save_trace,
+    trace_file,
+    usable_entries,
+)
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent")
+
+
+async def test_requests_become_image_paths_in_order_each_once() -> None:
+    tree, _ = await two_layer_tree()
+    doc = tree.resolve("usr/share/doc")
+    hi = tree.resolve("usr/bin/hi")
+    assert doc is not None and hi is not None
+    trace = LookupTrace()
+    trace.lookup(tree.root.ino, b"etc")
+    trace.lookup(doc.ino, b"missing.txt")
+    trace.lookup(doc.ino, "h\u00e9llo".encode("latin-1"))  # not UTF-8: kept as bytes
+    trace.readlink(hi.ino)
+    trace.readdir(tree.root.ino)
+    trace.readdir(doc.ino)
+    trace.lookup(doc.ino, b"missing.txt")  # asked again (after a timeout): once
+    trace.lookup(999_999, b"x")  # an inode the tree never handed out: left out
+    assert trace.entries(tree) == [
+        ("lookup", "etc"),
+        ("lookup", "usr/share/doc/missing.txt"),
+        ("lookup", "usr/share/doc/h\udce9llo"),
+        ("readlink", "usr/bin/hi"),
+        ("readdir", ""),
+        ("readdir", "usr/share/doc"),
+    ]
+    small = LookupTrace(limit=2)
+    for name in (b"a", b"b", b"c"):
+        small.lookup(tree.root.ino, name)
+    assert [path for _, path in small.entries(tree)] == ["a", "b"]
+
+
+def test_save_and_load_keep_undecodable_names(tmp_path: Path) -> None:
+    file = trace_file(str(tmp_path), ["sha256:aa", "sha256:bb"])
+    assert file != trace_file(str(tmp_path), ["sha256:bb", "sha256:aa"])  # the stack, in order
+    entries = [("lookup", "usr/h\udce9llo"), ("readdir", ""), ("readlink", "usr/bin/hi")]
+    save_trace(file, entries)
+    assert load_trace(file) == entries
+    assert os.listdir(os.path.dirname(file)) == [os.path.basename(file)]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'{"version": 99, "entries": []}',
+        b'{"version": 1}',
+        b'{"version": 1, "entries": [["unlink", "etc"]]}',
+        b'{"version": 1, "entries": [["lookup", 7]]}',
+        b'{"version": 1, "entries": [["lookup"]]}',
+        b'{"version": 1, "entries": "abc"}',
+    ],
+)
+def test_a_malformed_trace_is_ignored(tmp_path: Path, content: bytes) -> None:
+    file = tmp_path / "t.json"
+    file.write_bytes(content)
+    assert load_trace(str(file)) == []
+
+
+def test_a_missing_or_huge_trace_is_ignored(tmp_path: Path) -> None:
+    assert load_trace(str(tmp_path / "none.json")) == []
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"version": 1, "entries": [["lookup", "x" * 200]] * 50_000}))
+    assert load_trace(str(big)) == []
+
+
+async def test_only_paths_inside_the_tree_are_replayed() -> None:
+    tree, _ = await two_layer_tree()
+    good = [
+        ("lookup", "etc/passwd"),
+        ("lookup", "etc/no-such-file"),  # a missing name: the point of the trace
+        ("readlink", "usr/bin/hi"),
+        ("readdir", "usr/share/doc/sizes"),
+        ("readdir", ""),
+    ]
+    bad = [
+        ("lookup", "etc/localtime/zone"),  # through an absolute symlink: out of the mount
+        ("lookup", "usr/lib/libdemo.so/x"),  # through a relative one
+        ("lookup", "../etc/passwd"),
+        ("lookup", "/etc/passwd"),
+        ("lookup", "etc/./passwd"),
+        ("lookup", "etc//passwd"),
+        ("lookup", "etc/pass\0wd"),
+        ("lookup", "etc/hostname/x"),  # whited out in the upper layer
+        ("lookup", "srv/www/img/a.png"),  # hidden by an opaque directory
+        ("lookup", "nowhere/x"),
+        ("readlink", "usr/bin/hello"),  # not a symlink
+        ("readlink", "usr/bin/none"),
+        ("readdir", "etc/passwd"),  # not a directory
+        ("readdir", "etc/localtime"),
+    ]
+    assert usable_entries(tree, good[:2] + bad + good[2:]) == good
+
+
+def test_replay_asks_each_entry_and_stops_at_its_deadline(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("x")
+    (tmp_path / "link").symlink_to("d")
+    entries = [("lookup", "d/f"), ("lookup", "d/missing"), ("readlink", "link"), ("readdir", "d")]
+    assert replay(str(tmp_path), entries, deadline=float("inf")) == 4
+    assert replay(str(tmp_path), entries, deadline=0.0) == 0
