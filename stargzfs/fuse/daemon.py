@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 import trio
 
+from ..index import Node
 from ..view import ImageView
 from .lookup_trace import LookupTrace, load_trace, replay, save_trace, usable_entries
 from .operations import ImageOperations
@@ -32,6 +33,10 @@ READ_AHEAD_KB = 1024
 MAX_TASKS = 128  # handlers awaiting the network overlap up to this many
 # On a warm remount, how long "ready" may wait for the prioritized files to be warmed up.
 READY_WARM_BUDGET = 0.5
+# ... of which the replay of the last mount's lookup trace may take this much: a trace can
+# hold a whole `find` (a listing of every directory), far more than a program's start-up.
+READY_REPLAY_BUDGET = 0.1
+REPLAY_BATCH = 64
 
 
 def mount_options(*, allow_other: bool = False) -> set[str]:
@@ -112,8 +117,9 @@ async def _start(
     """Say the mount is ready and start each layer's background work.
 
     On a remount whose prioritized files are all in the disk cache, they are first loaded
-    into memory and read once through the mount, and meanwhile the names the last mount of
-    the image was asked are asked again (together at most ``READY_WARM_BUDGET`` seconds):
+    into memory and read once through the mount, and then the names the last mount of
+    the image was asked are asked again (together at most ``READY_WARM_BUDGET`` seconds,
+    the names at most ``READY_REPLAY_BUDGET``):
     no registry request is needed, and the workload then starts at page-cache speed with
     its names, missing ones included, in the kernel's caches, instead of racing the warm-up.
     Otherwise ready comes at once and the prefetch follows in the background, on-demand
@@ -137,8 +143,11 @@ async def _start(
             async with trio.open_nursery() as warming:
                 for position in layers:
                     warming.start_soon(warm_one, position)
-                if last_trace and warm is not None:
-                    warming.start_soon(_replay, view, warm, last_trace, budget.deadline)
+            # After the files: beside their reads each name took ~10x longer (the loop is
+            # busy serving them).
+            if last_trace and warm is not None:
+                until = min(budget.deadline, trio.current_time() + READY_REPLAY_BUDGET)
+                await _replay(view, warm, last_trace, until)
     if ready is not None:
         ready()
     for position in layers:
@@ -181,13 +190,30 @@ async def _fetch_layer(
 async def _replay(
     view: ImageView, mountpoint: str, entries: Sequence[tuple[str, str]], deadline: float
 ) -> None:
-    usable = usable_entries(view.tree, entries)  # the tree's queries stay on the loop
-    # The thread stops by itself at the deadline (trio's clock is time.monotonic here).
-    until = time.monotonic() + (deadline - trio.current_time())
-    asked = await trio.to_thread.run_sync(
-        replay, mountpoint, usable, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
+    """Replay ``entries`` until ``deadline`` (trio's clock), a batch at a time: each is
+    checked against the tree on the loop (where the tree is used), then asked from a thread
+    (the loop answers). A long trace costs only the part replayed."""
+    started = trio.current_time()
+    # Names first (a round trip each), listings after (many entries each), both in the order
+    # they were first asked: a program's start-up comes before whatever ran later.
+    ordered = sorted(entries, key=lambda entry: entry[0] == "readdir")
+    dirs: dict[str, Node | None] = {}
+    asked = 0
+    for start in range(0, len(ordered), REPLAY_BATCH):
+        if trio.current_time() >= deadline:
+            break
+        batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
+        # The thread stops by itself at the deadline (trio's clock is time.monotonic here).
+        until = time.monotonic() + (deadline - trio.current_time())
+        asked += await trio.to_thread.run_sync(
+            replay, mountpoint, batch, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
+        )
+    log.info(
+        "asked the kernel %d of the %d names the last mount was asked (%.0f ms)",
+        asked,
+        len(entries),
+        (trio.current_time() - started) * 1000,
     )
-    log.info("asked the kernel %d of the %d names the last mount was asked", asked, len(entries))
 
 
 def _own_limiter(var: trio.lowlevel.RunVar[trio.CapacityLimiter]) -> trio.CapacityLimiter:

@@ -144,19 +144,25 @@ def _clean(path: str) -> list[str] | None:
     return parts
 
 
-def usable_entries(tree: MergedTree, entries: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def usable_entries(
+    tree: MergedTree,
+    entries: Iterable[tuple[str, str]],
+    dirs: dict[str, Node | None] | None = None,
+) -> list[tuple[str, str]]:
     """The entries safe to replay: every parent a directory of the merged tree (so the kernel
-    walks no symlink on the way), a listing a directory, a readlink a symlink. Runs SQLite
+    walks no symlink on the way), a listing a directory, a readlink a symlink. ``dirs``
+    caches directories between calls (path -> node, None: not a directory). Runs SQLite
     queries: call it where the tree is used."""
-    dirs: dict[str, Node | None] = {"": tree.root}
+    known = dirs if dirs is not None else {}
+    known.setdefault("", tree.root)
 
     def directory(path: str) -> Node | None:
-        if path not in dirs:
+        if path not in known:
             parent, _, name = path.rpartition("/")
             above = directory(parent)
             node = tree.lookup(above, name) if above is not None else None
-            dirs[path] = node if node is not None and node.is_dir else None
-        return dirs[path]
+            known[path] = node if node is not None and node.is_dir else None
+        return known[path]
 
     out = []
     for kind, path in entries:
