@@ -17,6 +17,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VERSION=3.5.0
 SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PATCH=$here/pyfuse3-$VERSION.patch
+# What pyfuse3's build needs (its pyproject: setuptools>=78.1.1, setuptools_scm>=8, Cython),
+# pinned: Cython regenerates the C the patch changes, and a future one could refuse it.
+BUILD_PINS="Cython==3.3.1 setuptools==84.2.1 setuptools_scm==10.3.4"
 key=$(sha256sum <"$PATCH" | cut -c1-12)
 PATCHED_VERSION=$VERSION+stargzfs.$key
 
@@ -33,7 +36,9 @@ if [ "${1:-}" = "--build-into" ]; then  # internal: build the wheel into $3 with
   patch -s -p0 -d "$src" <"$PATCH"
   sed -i "s/^Version: .*/Version: $PATCHED_VERSION/" "$src/PKG-INFO"
   rm -f "$src/src/pyfuse3/__init__.c"  # generated from the sources we patched
-  "${PIP[@]}" wheel --no-deps -w "$work/dist" "$src"
+  printf '%s\n' $BUILD_PINS >"$work/build-pins.txt"
+  # pip installs the isolated build environment under these constraints too.
+  PIP_CONSTRAINT=$work/build-pins.txt "${PIP[@]}" wheel --no-deps -w "$work/dist" "$src"
   built=$(find "$work/dist" -name 'pyfuse3-*.whl' | head -n 1)
   mkdir -p "$out"
   # Concurrent builders: each renames its own complete file into place.
