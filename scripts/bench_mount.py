@@ -731,8 +731,9 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root (chroot, FUSE mounts)")
-    # With PYTHONDONTWRITEBYTECODE (set here) a source edited since `make venv` is compiled
-    # again by every stargzfs process timed below (~20 ms for a large module): as `make`.
+    # With PYTHONDONTWRITEBYTECODE (set on these machines) a source edited since `make venv`
+    # is compiled again by every stargzfs process timed below (~20 ms for a large module):
+    # compile it once, as `make venv` does.
     compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "stargzfs"), quiet=1)
     # SIGTERM must unwind through the finally blocks (unmount, stop the registry) too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

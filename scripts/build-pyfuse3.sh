@@ -9,7 +9,8 @@
 #
 # usage: scripts/build-pyfuse3.sh VENV_PYTHON
 # The wheel is built once (~40 s: sdist from PyPI, its sha256 checked, Cython) and cached
-# under ${XDG_CACHE_HOME:-~/.cache}/stargzfs-build, keyed by the patch and the Python version.
+# under ${XDG_CACHE_HOME:-~/.cache}/stargzfs-build, keyed by the patch, the build pins and the
+# Python version.
 # A no-op when the venv already has it: the installed version names the patch it was built
 # with (3.5.0+stargzfs.<patch sha256 prefix>), so a changed patch is rebuilt.
 set -euo pipefail
@@ -20,7 +21,7 @@ PATCH=$here/pyfuse3-$VERSION.patch
 # What pyfuse3's build needs (its pyproject: setuptools>=78.1.1, setuptools_scm>=8, Cython),
 # pinned: Cython regenerates the C the patch changes, and a future one could refuse it.
 BUILD_PINS="Cython==3.3.1 setuptools==84.2.1 setuptools_scm==10.3.4"
-key=$(sha256sum <"$PATCH" | cut -c1-12)
+key=$( (cat "$PATCH"; echo "$BUILD_PINS") | sha256sum | cut -c1-12)  # a new pin rebuilds too
 PATCHED_VERSION=$VERSION+stargzfs.$key
 
 if [ "${1:-}" = "--build-into" ]; then  # internal: build the wheel into $3 with python $2
@@ -37,8 +38,10 @@ if [ "${1:-}" = "--build-into" ]; then  # internal: build the wheel into $3 with
   sed -i "s/^Version: .*/Version: $PATCHED_VERSION/" "$src/PKG-INFO"
   rm -f "$src/src/pyfuse3/__init__.c"  # generated from the sources we patched
   printf '%s\n' $BUILD_PINS >"$work/build-pins.txt"
-  # pip installs the isolated build environment under these constraints too.
-  PIP_CONSTRAINT=$work/build-pins.txt "${PIP[@]}" wheel --no-deps -w "$work/dist" "$src"
+  # pip installs the isolated build environment under these constraints too (PIP_CONSTRAINT
+  # up to pip 25.2, PIP_BUILD_CONSTRAINT from 25.3 on; each ignores the other).
+  PIP_CONSTRAINT=$work/build-pins.txt PIP_BUILD_CONSTRAINT=$work/build-pins.txt \
+    "${PIP[@]}" wheel --no-deps -w "$work/dist" "$src"
   built=$(find "$work/dist" -name 'pyfuse3-*.whl' | head -n 1)
   mkdir -p "$out"
   # Concurrent builders: each renames its own complete file into place.

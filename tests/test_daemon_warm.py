@@ -16,6 +16,10 @@ def test_read_through_reads_regular_files_only(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
     started = time.monotonic()
-    done = _read_through(str(tmp_path), ["zero", "fifo", "dir", "missing", "file"])
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        done = _read_through(root, ["zero", "fifo", "dir", "missing", "file"])
+    finally:
+        os.close(root)
     assert done == 1
     assert time.monotonic() - started < 5  # /dev/zero or a FIFO would never end

@@ -14,6 +14,7 @@ from test_merged_tree import two_layer_tree
 from stargzfs.fuse.lookup_trace import (
     LookupTrace,
     load_trace,
+    open_mount_root,
     replay,
     save_trace,
     trace_file,
@@ -115,10 +116,65 @@ async def test_only_paths_inside_the_tree_are_replayed() -> None:
     assert usable_entries(tree, good[:2] + bad + good[2:]) == good
 
 
-def test_replay_asks_each_entry_and_stops_at_its_deadline(tmp_path: Path) -> None:
+def test_replay_asks_each_entry_and_stops_at_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_text("x")
     (tmp_path / "link").symlink_to("d")
-    entries = [("lookup", "d/f"), ("lookup", "d/missing"), ("readlink", "link"), ("readdir", "d")]
-    assert replay(str(tmp_path), entries, deadline=float("inf")) == 4
-    assert replay(str(tmp_path), entries, deadline=0.0) == 0
+    asked: list[str] = []
+    real_lstat, real_readlink = os.lstat, os.readlink
+    monkeypatch.setattr(
+        os, "lstat", lambda p, **kw: asked.append(f"lstat {p}") or real_lstat(p, **kw)
+    )
+    monkeypatch.setattr(
+        os, "readlink", lambda p, **kw: asked.append(f"readlink {p}") or real_readlink(p, **kw)
+    )
+    listed: list[int] = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda fd: listed.append(fd) or real_scandir(fd))
+    entries = [
+        ("lookup", "d/f"),
+        ("lookup", "d/missing"),
+        ("lookup", "d/\udce9"),  # an undecodable name: asked as its bytes
+        ("lookup", "d/\ud800"),  # no file name at all: skipped, no error
+        ("readlink", "link"),
+        ("readdir", "d"),
+        ("readdir", "link"),  # a symlink to a directory is never listed through
+        ("readdir", ""),
+    ]
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert replay(root, entries, deadline=float("inf")) == len(entries)
+        assert asked == [
+            "lstat d/f",
+            "lstat d/missing",
+            "lstat d/\udce9",
+            "lstat d/\ud800",
+            "readlink link",
+        ]
+        assert len(listed) == 2  # "d" and the root, not "link"
+        asked.clear()
+        assert replay(root, entries, deadline=0.0) == 0
+        assert asked == []
+    finally:
+        os.close(root)
+
+
+def test_only_a_fuse_root_is_a_mount_root(tmp_path: Path) -> None:
+    """The replay goes through the mount's root descriptor: a plain directory (the mount
+    point once unmounted) is none."""
+    assert open_mount_root(str(tmp_path)) is None
+    assert open_mount_root(str(tmp_path / "missing")) is None
+
+
+async def test_hostile_traces_cost_nothing_but_their_entries(tmp_path: Path) -> None:
+    tree, _ = await two_layer_tree()
+    deep = "/".join(["d"] * 5000)
+    assert usable_entries(tree, [("lookup", deep + "/x"), ("readdir", deep)]) == []
+    assert usable_entries(tree, [("lookup", "etc/\ud800/x"), ("readlink", "usr/bin/\ud800")]) == []
+    undecodable = [("lookup", "etc/\udce9")]  # a probe for a non-UTF-8 name: replayed
+    assert usable_entries(tree, undecodable) == undecodable
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"version": 1, "entries": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert load_trace(str(nested)) == []

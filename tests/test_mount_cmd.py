@@ -640,6 +640,9 @@ def test_warm_remount_is_ready_with_prioritized_files_in_the_kernel(
     text = log.read_text()  # at once: no waiting
     assert "prioritized files in the kernel's caches" in text, text
     assert text.index("kernel's caches") < text.index("mounted ")
+    # Then the names the first mount was asked (reading those files), before ready too.
+    replayed = text.index("names the last mount was asked")
+    assert text.index("kernel's caches") < replayed < text.index("mounted ")
     stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
     assert stats["layers"][0]["prefetch"] == "done (cached)"
     before = stats["cache"]
@@ -657,6 +660,9 @@ def test_warm_remount_asks_the_kernel_what_the_last_mount_was_asked(
     """A program's first run probes names that do not exist, follows symlinks and lists
     directories; no TOC says which. The last mount of the image saw them: a remount asks the
     kernel the same before it is ready, so the same run then asks the daemon nothing."""
+    from stargzfs.fuse.operations import KERNEL_OPEN
+
+    assert KERNEL_OPEN, "pyfuse3 lacks stargzfs's patch: `make venv` builds it"
     log = tmp_path / "daemon.log"
     cache = tmp_path / "c"
     args = ("mount", fixture_image, str(mnt), "--cache-dir", str(cache), "--log-file", str(log))
@@ -682,13 +688,25 @@ def test_warm_remount_asks_the_kernel_what_the_last_mount_was_asked(
     asked = requests()
     assert asked["lookup"] >= 8 and asked["readlink"] == 1
     assert stargzfs("umount", str(mnt)).returncode == 0  # returns once the trace is saved
-    assert [p.suffix for p in (cache / "traces").iterdir()] == [".json"]
+    (trace,) = (cache / "traces").iterdir()
+    saved = len(json.loads(trace.read_text())["entries"])
 
     log.write_text("")
     assert stargzfs(*args).returncode == 0
     text = log.read_text()
-    assert "names the last mount was asked" in text, text
-    assert text.index("names the last mount was asked") < text.index("mounted ")
+    line = f"asked the kernel {saved} of the {saved} names the last mount was asked"
+    assert line in text, text
+    assert text.index(line) < text.index("mounted ")
     before = requests()
     assert work() == first
     assert requests() == before  # every name, missing ones too, was in the kernel's caches
+    assert stargzfs("umount", str(mnt)).returncode == 0
+
+    # A damaged trace costs a log line, never the mount (and is replaced by the next one).
+    trace.write_text('{"version": 1, "entries": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    log.write_text("")
+    assert stargzfs(*args).returncode == 0
+    assert "ignoring the lookup trace" in log.read_text()
+    assert work() == first
+    assert stargzfs("umount", str(mnt)).returncode == 0
+    assert json.loads(trace.read_text())["entries"]

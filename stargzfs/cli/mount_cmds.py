@@ -14,8 +14,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from ..errors import NotFoundError, StargzfsError, UsageError
@@ -266,12 +268,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
             f"{args.mountpoint}: not a stargzfs mount ({fstype} from {source}); "
             "use --force to unmount it anyway"
         )
-    pid = _daemon_pid(mnt) if is_stargzfs_mount(fstype, source) else None
+    daemon = _daemon_pid(mnt) if is_stargzfs_mount(fstype, source) else None
     fusermount = shutil.which("fusermount3") or "fusermount3"
     result = subprocess.run([fusermount, "-u", mnt], capture_output=True, text=True, check=False)
     if mount_at(mnt) is None:  # unmounted (by us, or just now by auto_unmount's helper)
-        if pid is not None:
-            _wait_for_exit(pid)
+        if daemon is not None:
+            _wait_for_exit(daemon)
         return 0
     # Busy (an open file, a process's cwd): detach it now, it goes when they let go.
     lazy = subprocess.run([fusermount, "-uz", mnt], capture_output=True, text=True, check=False)
@@ -287,41 +289,80 @@ def cmd_umount(args: argparse.Namespace) -> int:
     raise StargzfsError(f"{args.mountpoint}: could not unmount: {why}")
 
 
-def _daemon_pid(mnt: str, timeout: float = 2.0) -> int | None:
-    """The serving daemon's pid from its stats, or None: a dead mount (ENOTCONN), another
-    daemon. From a thread, so that a hung daemon cannot hang `umount` too."""
+def _daemon_pid(mnt: str, timeout: float = 2.0) -> tuple[int, int] | None:
+    """The serving daemon's (pid, start time) from its stats, or None: a dead mount
+    (ENOTCONN), a daemon that does not answer, another program. Asked by a forked child,
+    killed if it gets no answer: a thread stuck in that getxattr would keep the mount busy."""
+    import select
+
+    read_fd, write_fd = os.pipe()
+    child = os.fork()  # (the CLI has no other thread)
+    if child == 0:
+        try:
+            os.close(read_fd)
+            raw = os.getxattr(mnt, "user.stargzfs.stats")
+            while raw:
+                raw = raw[os.write(write_fd, raw) :]
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                chunks = []  # no answer in time
+                break
+            data = os.read(read_fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    return pid_from_stats(b"".join(chunks))
+
+
+def pid_from_stats(raw: bytes) -> tuple[int, int] | None:
+    """(pid, start time) from the stats a daemon reports, or None if they hold none."""
     import json
-    import threading
 
-    found: list[int] = []
-
-    def ask() -> None:
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            pid = json.loads(os.getxattr(mnt, "user.stargzfs.stats")).get("pid")
-            if isinstance(pid, int) and pid > 0:
-                found.append(pid)
-
-    asker = threading.Thread(target=ask, daemon=True)
-    asker.start()
-    asker.join(timeout)
-    return found[0] if found else None
+    try:
+        stats = json.loads(raw)
+        pid, start = stats["pid"], stats["pid_start"]
+    except Exception:  # not ours, an older daemon, garbage
+        return None
+    if type(pid) is int and type(start) is int and pid > 0:
+        return pid, start
+    return None
 
 
-def _wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+def _wait_for_exit(daemon: tuple[int, int], timeout: float = 5.0) -> None:
     """Once unmounted, the daemon saves what the next mount reuses (its lookup trace) and
-    exits: `umount` returns after that, as `docker stop` does."""
-    import time
-
+    exits: `umount` returns after that, as `docker stop` does. ``daemon`` is (pid, start
+    time): a pid of another process (reused, or from another pid namespace) is not waited
+    for."""
+    pid, start = daemon
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rpartition(b")")[2].split()[0] == b"Z":
-                    return  # exited, its parent has not reaped it yet
-        except (OSError, IndexError):
-            return
+        state = process_state(pid)
+        if state is None or state[1] != start or state[0] == "Z":
+            return  # gone, another process, or exited and not reaped yet
         time.sleep(0.01)
-    log.debug("daemon %d still running %.0f s after the unmount", pid, timeout)
+    log.info("the daemon (pid %d) was still running %.0f s after the unmount", pid, timeout)
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from /proc/PID/stat, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

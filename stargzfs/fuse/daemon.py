@@ -15,14 +15,21 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import pyfuse3
 import trio
 
 from ..index import Node
 from ..view import ImageView
-from .lookup_trace import LookupTrace, load_trace, replay, save_trace, usable_entries
+from .lookup_trace import (
+    LookupTrace,
+    load_trace,
+    open_mount_root,
+    replay,
+    save_trace,
+    usable_entries,
+)
 from .operations import ImageOperations
 
 __all__ = ["serve"]
@@ -78,7 +85,6 @@ async def serve(
     remount asks the kernel what the last mount was asked before it is ready, and this
     mount's requests are saved there when it ends."""
     trace = LookupTrace() if trace_file else None
-    last_trace = load_trace(trace_file) if trace_file else []
     ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open, trace=trace)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:
@@ -91,18 +97,26 @@ async def serve(
             # Warming the kernel reads through the mount: that would record accesses.
             warm = mountpoint if record_access is None else None
             nursery.start_soon(
-                _start, view, prefetch, background_fetch, warm, ready, nursery, last_trace
+                _start, view, prefetch, background_fetch, warm, ready, nursery, trace_file
             )
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+            # Unmounted: saved at once, before the background work is torn down (threads
+            # that cannot be abandoned may take a while), so `umount` need not wait long.
+            if trace is not None and trace_file is not None:
+                _save(trace, view, trace_file)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
-        if trace is not None and trace_file is not None and len(trace):
-            try:
-                save_trace(trace_file, trace.entries(view.tree))
-            except Exception as e:  # only costs the next mount speed
-                log.warning("could not save the lookup trace %s: %s", trace_file, e)
+
+
+def _save(trace: LookupTrace, view: ImageView, file: str) -> None:
+    if not len(trace):
+        return
+    try:
+        save_trace(file, trace.entries(view.tree))
+    except Exception as e:  # only costs the next mount speed
+        log.warning("could not save the lookup trace %s: %s", file, e)
 
 
 async def _start(
@@ -112,18 +126,17 @@ async def _start(
     warm: str | None,
     ready: Callable[[], None] | None,
     nursery: trio.Nursery,
-    last_trace: Sequence[tuple[str, str]] = (),
+    trace_file: str | None = None,
 ) -> None:
     """Say the mount is ready and start each layer's background work.
 
-    On a remount whose prioritized files are all in the disk cache, they are first loaded
-    into memory and read once through the mount, and then the names the last mount of
-    the image was asked are asked again (together at most ``READY_WARM_BUDGET`` seconds,
-    the names at most ``READY_REPLAY_BUDGET``):
-    no registry request is needed, and the workload then starts at page-cache speed with
-    its names, missing ones included, in the kernel's caches, instead of racing the warm-up.
-    Otherwise ready comes at once and the prefetch follows in the background, on-demand
-    reads first."""
+    On a remount whose prioritized files are all in the disk cache (or that has none), they
+    are first loaded into memory and read once through the mount, and then the names the
+    last mount of the image was asked (``trace_file``) are asked again (together at most
+    ``READY_WARM_BUDGET`` seconds, the names at most ``READY_REPLAY_BUDGET``): no registry
+    request is needed, and the workload then starts at page-cache speed with its names,
+    missing ones included, in the kernel's caches, instead of racing the warm-up. Otherwise
+    ready comes at once and the prefetch follows in the background, on-demand reads first."""
     layers = range(len(view.layers))
     local = prefetch and warm is not None
     try:
@@ -145,9 +158,10 @@ async def _start(
                     warming.start_soon(warm_one, position)
             # After the files: beside their reads each name took ~10x longer (the loop is
             # busy serving them).
-            if last_trace and warm is not None:
+            if trace_file is not None and warm is not None:
                 until = min(budget.deadline, trio.current_time() + READY_REPLAY_BUDGET)
-                await _replay(view, warm, last_trace, until)
+                with trio.move_on_at(until):
+                    await _replay(view, warm, trace_file, until)
     if ready is not None:
         ready()
     for position in layers:
@@ -177,7 +191,7 @@ async def _fetch_layer(
                 # layer may have put a symlink or a directory there).
                 paths = [p for p in paths if _is_regular(view, p)]
                 done = await trio.to_thread.run_sync(
-                    _read_through, warm, paths, abandon_on_cancel=True, limiter=_own_limiter(_WARM)
+                    _warm_files, warm, paths, abandon_on_cancel=True, limiter=_own_limiter(_WARM)
                 )
                 log.info("%s: %d prioritized files in the kernel's caches", name, done)
         if rest:
@@ -187,33 +201,50 @@ async def _fetch_layer(
         log.warning("background fetch of %s failed: %s", name, e)
 
 
-async def _replay(
-    view: ImageView, mountpoint: str, entries: Sequence[tuple[str, str]], deadline: float
-) -> None:
-    """Replay ``entries`` until ``deadline`` (trio's clock), a batch at a time: each is
-    checked against the tree on the loop (where the tree is used), then asked from a thread
-    (the loop answers). A long trace costs only the part replayed."""
+async def _replay(view: ImageView, mountpoint: str, trace_file: str, deadline: float) -> None:
+    """Replay the last mount's trace until ``deadline`` (trio's clock), a batch at a time:
+    each is checked against the tree on the loop (where the tree is used), then asked from
+    a thread (the loop answers). A long trace costs only the part replayed; a broken one
+    only a log line."""
     started = trio.current_time()
-    # Names first (a round trip each), listings after (many entries each), both in the order
-    # they were first asked: a program's start-up comes before whatever ran later.
-    ordered = sorted(entries, key=lambda entry: entry[0] == "readdir")
-    dirs: dict[str, Node | None] = {}
+    entries: list[tuple[str, str]] = []
     asked = 0
-    for start in range(0, len(ordered), REPLAY_BATCH):
-        if trio.current_time() >= deadline:
-            break
-        batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
-        # The thread stops by itself at the deadline (trio's clock is time.monotonic here).
-        until = time.monotonic() + (deadline - trio.current_time())
-        asked += await trio.to_thread.run_sync(
-            replay, mountpoint, batch, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
-        )
-    log.info(
-        "asked the kernel %d of the %d names the last mount was asked (%.0f ms)",
-        asked,
-        len(entries),
-        (trio.current_time() - started) * 1000,
-    )
+    root: int | None = None
+    in_thread = False
+    try:
+        entries = await trio.to_thread.run_sync(load_trace, trace_file)
+        if not entries:
+            return
+        root = await trio.to_thread.run_sync(open_mount_root, mountpoint)
+        if root is None:
+            return
+        # Names first (a round trip each), listings after (many entries each), both in the
+        # order they were first asked: a program's start-up comes before what ran later.
+        ordered = sorted(entries, key=lambda entry: entry[0] == "readdir")
+        dirs: dict[str, Node | None] = {}
+        for start in range(0, len(ordered), REPLAY_BATCH):
+            batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
+            # The thread also stops by itself at the deadline, between entries.
+            until = time.monotonic() + (deadline - trio.current_time())
+            in_thread = True
+            asked += await trio.to_thread.run_sync(
+                replay, root, batch, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
+            )
+            in_thread = False
+            if trio.current_time() >= deadline:
+                break
+    except Exception as e:  # only costs speed
+        log.warning("replaying the lookup trace %s: %s", trace_file, e)
+    finally:
+        if root is not None and not in_thread:  # else an abandoned thread may still use it
+            os.close(root)
+        if entries:
+            log.info(
+                "asked the kernel %d of the %d names the last mount was asked (%.0f ms)",
+                asked,
+                len(entries),
+                (trio.current_time() - started) * 1000,
+            )
 
 
 def _own_limiter(var: trio.lowlevel.RunVar[trio.CapacityLimiter]) -> trio.CapacityLimiter:
@@ -236,9 +267,21 @@ def _is_regular(view: ImageView, path: str) -> bool:
     return node is not None and node.entry.kind == "reg"
 
 
-def _read_through(mountpoint: str, paths: list[str]) -> int:
-    """Read each file once through the mount (a worker thread: the event loop serves it).
-    Never follows a symlink and reads nothing but regular files, whatever the image holds."""
+def _warm_files(mountpoint: str, paths: list[str]) -> int:
+    root = open_mount_root(mountpoint)
+    if root is None:  # unmounted meanwhile
+        return 0
+    try:
+        return _read_through(root, paths)
+    finally:
+        os.close(root)
+
+
+def _read_through(root: int, paths: list[str]) -> int:
+    """Read each file once through the mount whose root directory descriptor is ``root``
+    (a worker thread: the event loop serves it). Never follows a symlink named last (their
+    parents are the tree's directories) and reads nothing but regular files, whatever the
+    image holds."""
     done = 0
     # Their directories listed first: readdir answers with attributes, so every sibling's
     # name and attributes land in the kernel's caches too (the import system and the
@@ -249,9 +292,17 @@ def _read_through(mountpoint: str, paths: list[str]) -> int:
         while parent not in listed:
             listed.add(parent)
             try:
-                with os.scandir(os.path.join(mountpoint, parent)) as entries:
-                    for _ in entries:
-                        pass
+                fd = os.open(
+                    parent or ".",
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=root,
+                )
+                try:
+                    with os.scandir(fd) as entries:
+                        for _ in entries:
+                            pass
+                finally:
+                    os.close(fd)
             except OSError as e:
                 log.debug("warming %s/: %s", parent, e)
             if not parent:
@@ -260,8 +311,9 @@ def _read_through(mountpoint: str, paths: list[str]) -> int:
     for path in paths:
         try:
             fd = os.open(
-                os.path.join(mountpoint, path),
+                path,
                 os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                dir_fd=root,
             )
         except OSError as e:  # unmounted meanwhile, EIO...
             log.debug("warming %s: %s", path, e)

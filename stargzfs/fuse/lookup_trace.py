@@ -21,14 +21,23 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterable, Sequence
 
 from ..errors import StargzfsError
 from ..index import MergedTree, Node
 
-__all__ = ["LookupTrace", "load_trace", "replay", "save_trace", "trace_file", "usable_entries"]
+ROOT_INODE = 1  # a FUSE mount's root (pyfuse3.ROOT_INODE, without importing pyfuse3)
+
+__all__ = [
+    "LookupTrace",
+    "load_trace",
+    "open_mount_root",
+    "replay",
+    "save_trace",
+    "trace_file",
+    "usable_entries",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +98,8 @@ class LookupTrace:
 
 
 def trace_file(cache_dir: str, layer_digests: Sequence[str]) -> str:
-    """Where the trace of the image made of these layers (bottom first) is kept: paths and
-    inode numbers are the merged tree's, so the key is the whole stack."""
+    """Where the trace of the image made of these layers (bottom first) is kept: its paths
+    are the merged tree's, so the key is the whole stack."""
     key = hashlib.sha256("\n".join(layer_digests).encode()).hexdigest()
     return os.path.join(cache_dir, "traces", f"{key}.json")
 
@@ -132,16 +141,31 @@ def load_trace(file: str) -> list[tuple[str, str]]:
                 raise ValueError(f"bad entry {kind!r}")
             out.append((kind, path))
         return out
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        log.warning("ignoring the lookup trace %s: %s", file, e)
+    except Exception as e:  # whatever it holds (RecursionError for deep nesting too)
+        log.warning("ignoring the lookup trace %s: %s", file, type(e).__name__)
         return []
 
 
 def _clean(path: str) -> list[str] | None:
+    """The components of a relative image path, or None for anything else: absolute, empty
+    or dot components, NUL, or text that is no file name (a lone surrogate)."""
     parts = path.split("/")
     if path.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
         return None
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        return None
     return parts
+
+
+def _is_utf8(name: str) -> bool:
+    """Image names are UTF-8 (the TOC is JSON); an undecodable probe is no directory."""
+    try:
+        name.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def usable_entries(
@@ -156,13 +180,18 @@ def usable_entries(
     known = dirs if dirs is not None else {}
     known.setdefault("", tree.root)
 
-    def directory(path: str) -> Node | None:
-        if path not in known:
-            parent, _, name = path.rpartition("/")
-            above = directory(parent)
-            node = tree.lookup(above, name) if above is not None else None
-            known[path] = node if node is not None and node.is_dir else None
-        return known[path]
+    def directory(parts: Sequence[str]) -> Node | None:
+        # Iterative (a path may have thousands of components): from the deepest known one.
+        depth = len(parts)
+        while "/".join(parts[:depth]) not in known:
+            depth -= 1
+        node = known["/".join(parts[:depth])]
+        for i in range(depth, len(parts)):
+            if node is not None:
+                child = tree.lookup(node, parts[i]) if _is_utf8(parts[i]) else None
+                node = child if child is not None and child.is_dir else None
+            known["/".join(parts[: i + 1])] = node
+        return node
 
     out = []
     for kind, path in entries:
@@ -170,13 +199,13 @@ def usable_entries(
         if parts is None:
             continue
         if kind == "readdir":
-            ok = directory(path) is not None
+            ok = directory(parts) is not None
         else:
-            parent = directory("/".join(parts[:-1])) if parts else None
+            parent = directory(parts[:-1]) if parts else None
             if parent is None:
                 continue
             ok = kind == "lookup"
-            if kind == "readlink":
+            if kind == "readlink" and _is_utf8(parts[-1]):
                 node = tree.lookup(parent, parts[-1])
                 ok = node is not None and node.entry.kind == "symlink"
         if ok:
@@ -184,25 +213,53 @@ def usable_entries(
     return out
 
 
-def replay(mountpoint: str, entries: Sequence[tuple[str, str]], deadline: float) -> int:
-    """Ask the kernel for each entry through the mount until ``deadline`` (time.monotonic):
-    names and missing names land in its caches, as do symlink targets and listings. Blocking
-    (a worker thread: the event loop answers). Returns how many were asked."""
+def open_mount_root(mountpoint: str) -> int | None:
+    """An O_PATH descriptor of the mount's root, or None if ``mountpoint`` is not (or no
+    longer) a FUSE root: what goes through the mount goes through this, relative to it, so
+    nothing reaches the directory underneath if the mount goes away meanwhile."""
+    try:
+        fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        parent = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/")
+        if st.st_ino == ROOT_INODE and st.st_dev != parent.st_dev:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> int:
+    """Ask the kernel for each entry, relative to the mount's root descriptor ``root`` (see
+    :func:`open_mount_root`), until ``deadline`` (time.monotonic): names and missing names
+    land in its caches, as do symlink targets and listings. Never follows a symlink named
+    last. Blocking (a worker thread: the event loop answers). Returns how many were asked."""
     done = 0
     for kind, path in entries:
         if time.monotonic() >= deadline:
             break
-        full = os.path.join(mountpoint, path)
         try:
             if kind == "lookup":
-                os.lstat(full)
+                os.lstat(path, dir_fd=root)
             elif kind == "readlink":
-                os.readlink(full)
-            elif stat.S_ISDIR(os.lstat(full).st_mode):
-                with os.scandir(full) as listing:
-                    for _ in listing:
-                        pass
-        except OSError:
+                os.readlink(path, dir_fd=root)
+            else:
+                fd = os.open(
+                    path or ".",
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=root,
+                )
+                try:
+                    with os.scandir(fd) as listing:
+                        for _ in listing:
+                            if time.monotonic() >= deadline:
+                                break
+                finally:
+                    os.close(fd)
+        except (OSError, ValueError):
             pass  # a missing name is the point (the kernel keeps the negative entry)
         done += 1
     return done

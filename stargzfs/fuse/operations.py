@@ -44,6 +44,19 @@ STATS_XATTR = b"user.stargzfs.stats"
 # pyfuse3 built with scripts/build-pyfuse3.sh: see the module docstring.
 KERNEL_OPEN = "fh_is_inode" in getattr(pyfuse3, "STARGZFS_EXTENSIONS", ())
 
+
+def _start_time() -> int:
+    """This process's start time (clock ticks since boot, proc(5) field 22): with the pid,
+    it names this process and no other, whatever the pid namespace or pid reuse."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+_START_TIME = _start_time()
+
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
     "reg": stat.S_IFREG,
@@ -153,14 +166,18 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         parent = self._node(parent_inode)
-        text = os.fsdecode(name)
-        if text == ".":
+        if name == b".":
             return self._attr(parent)
-        if text == "..":
+        if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
         if self.trace is not None:
             self.trace.lookup(parent_inode, name)
-        node = self.tree.lookup(parent, text)
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:  # image names are UTF-8 (TOCs are JSON): not there
+            node = None
+        else:
+            node = self.tree.lookup(parent, text)
         if node is None:
             # Inode 0 with a timeout is a negative entry the kernel caches: programs probe
             # many paths that don't exist (Python's imports, the dynamic loader).
@@ -175,7 +192,7 @@ class ImageOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.entry.kind != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if self.trace is not None:
+        if self.trace is not None and self.enable_cache_symlinks:  # else not kept: no use
             self.trace.readlink(inode)
         return os.fsencode(node.entry.linkname)
 
@@ -188,8 +205,6 @@ class ImageOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if self.fh_is_inode:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens it, and later ones, itself
-        if self.trace is not None:
-            self.trace.readdir(inode)
         fh = self._new_fh()
         self._dirs[fh] = self.tree.children(node)
         return fh
@@ -197,7 +212,7 @@ class ImageOperations(pyfuse3.Operations):
     @_guard
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         if self.fh_is_inode:
-            if self.trace is not None and start_id == 0:
+            if self.trace is not None and start_id == 0:  # (listings are kept only here)
                 self.trace.readdir(fh)
             children = self._listings.pop(fh, None)
             if children is None:
@@ -268,7 +283,9 @@ class ImageOperations(pyfuse3.Operations):
                 del self.requests["getxattr"]
             stats = self.view.stats() | {
                 "fuse_requests": dict(self.requests),
-                "pid": os.getpid(),  # `stargzfs umount` waits for it to exit
+                # `stargzfs umount` waits for this process to exit.
+                "pid": os.getpid(),
+                "pid_start": _START_TIME,
                 "kernel_open": self.fh_is_inode,  # False: a stock pyfuse3 (or an old kernel)
             }
             return json.dumps(stats).encode()
