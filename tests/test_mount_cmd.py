@@ -98,6 +98,7 @@ def test_mount_merged_image_from_registry(fixture_image: str, mnt: Path, tmp_pat
     assert "cache:" in table.stdout and table.returncode == 0
     # what the kernel still asks the daemon (check_tree listed and looked up everything)
     assert "kernel requests: " in table.stdout and " readdir" in table.stdout
+    assert "lookup trace: 0 names of the last mount asked before ready" in table.stdout
     assert stargzfs("stats", str(tmp_path)).returncode == 2
     assert stargzfs("umount", str(mnt)).returncode == 0
     assert not is_mounted(mnt)
@@ -700,6 +701,8 @@ def test_warm_remount_asks_the_kernel_what_the_last_mount_was_asked(
     before = requests()
     assert work() == first
     assert requests() == before  # every name, missing ones too, was in the kernel's caches
+    stats = json.loads(stargzfs("stats", str(mnt), "--json").stdout)
+    assert stats["lookup_trace"]["replayed"] == saved
     assert stargzfs("umount", str(mnt)).returncode == 0
 
     # A damaged trace costs a log line, never the mount (and is replaced by the next one).

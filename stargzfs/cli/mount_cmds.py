@@ -399,4 +399,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     ranked = sorted(requests.items(), key=lambda kv: (-kv[1], kv[0]))
     how = "" if stats.get("kernel_open") else " (file handles: pyfuse3 without stargzfs's patch)"
     print(f"kernel requests{how}: " + (", ".join(f"{n} {op}" for op, n in ranked) or "none"))
+    trace = stats.get("lookup_trace")
+    if trace:
+        print(
+            f"lookup trace: {trace['replayed']} names of the last mount asked before ready, "
+            f"{trace['recorded']} recorded by this one"
+        )
     return 0

@@ -84,7 +84,7 @@ async def serve(
     ``trace_file``: where this image's lookup trace is kept (see lookup_trace.py): a warm
     remount asks the kernel what the last mount was asked before it is ready, and this
     mount's requests are saved there when it ends."""
-    trace = LookupTrace() if trace_file else None
+    trace = LookupTrace(trace_file) if trace_file else None
     ops = ImageOperations(view, record_access=record_access, kernel_open=kernel_open, trace=trace)
     pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
     try:
@@ -97,26 +97,26 @@ async def serve(
             # Warming the kernel reads through the mount: that would record accesses.
             warm = mountpoint if record_access is None else None
             nursery.start_soon(
-                _start, view, prefetch, background_fetch, warm, ready, nursery, trace_file
+                _start, view, prefetch, background_fetch, warm, ready, nursery, trace
             )
             await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
             # Unmounted: saved at once, before the background work is torn down (threads
             # that cannot be abandoned may take a while), so `umount` need not wait long.
-            if trace is not None and trace_file is not None:
-                _save(trace, view, trace_file)
+            if trace is not None:
+                _save(trace, view)
             nursery.cancel_scope.cancel()
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
 
 
-def _save(trace: LookupTrace, view: ImageView, file: str) -> None:
-    if not len(trace):
+def _save(trace: LookupTrace, view: ImageView) -> None:
+    if not len(trace) or trace.file is None:
         return
     try:
-        save_trace(file, trace.entries(view.tree))
+        save_trace(trace.file, trace.entries(view.tree))
     except Exception as e:  # only costs the next mount speed
-        log.warning("could not save the lookup trace %s: %s", file, e)
+        log.warning("could not save the lookup trace %s: %s", trace.file, e)
 
 
 async def _start(
@@ -126,13 +126,13 @@ async def _start(
     warm: str | None,
     ready: Callable[[], None] | None,
     nursery: trio.Nursery,
-    trace_file: str | None = None,
+    trace: LookupTrace | None = None,
 ) -> None:
     """Say the mount is ready and start each layer's background work.
 
     On a remount whose prioritized files are all in the disk cache (or that has none), they
     are first loaded into memory and read once through the mount, and then the names the
-    last mount of the image was asked (``trace_file``) are asked again (together at most
+    last mount of the image was asked (``trace``'s file) are asked again (together at most
     ``READY_WARM_BUDGET`` seconds, the names at most ``READY_REPLAY_BUDGET``): no registry
     request is needed, and the workload then starts at page-cache speed with its names,
     missing ones included, in the kernel's caches, instead of racing the warm-up. Otherwise
@@ -158,10 +158,10 @@ async def _start(
                     warming.start_soon(warm_one, position)
             # After the files: beside their reads each name took ~10x longer (the loop is
             # busy serving them).
-            if trace_file is not None and warm is not None:
+            if trace is not None and trace.file and warm is not None:
                 until = min(budget.deadline, trio.current_time() + READY_REPLAY_BUDGET)
                 with trio.move_on_at(until):
-                    await _replay(view, warm, trace_file, until)
+                    await _replay(view, warm, trace, until)
     if ready is not None:
         ready()
     for position in layers:
@@ -201,7 +201,7 @@ async def _fetch_layer(
         log.warning("background fetch of %s failed: %s", name, e)
 
 
-async def _replay(view: ImageView, mountpoint: str, trace_file: str, deadline: float) -> None:
+async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline: float) -> None:
     """Replay the last mount's trace until ``deadline`` (trio's clock), a batch at a time:
     each is checked against the tree on the loop (where the tree is used), then asked from
     a thread (the loop answers). A long trace costs only the part replayed; a broken one
@@ -211,6 +211,7 @@ async def _replay(view: ImageView, mountpoint: str, trace_file: str, deadline: f
     asked = 0
     root: int | None = None
     in_thread = False
+    trace_file = trace.file or ""
     try:
         entries = await trio.to_thread.run_sync(load_trace, trace_file)
         if not entries:
@@ -236,6 +237,7 @@ async def _replay(view: ImageView, mountpoint: str, trace_file: str, deadline: f
     except Exception as e:  # only costs speed
         log.warning("replaying the lookup trace %s: %s", trace_file, e)
     finally:
+        trace.replayed = asked
         if root is not None and not in_thread:  # else an abandoned thread may still use it
             os.close(root)
         if entries:

@@ -52,8 +52,10 @@ class LookupTrace:
     """The name requests of one mount, in order, each once: (kind, inode, name). Recording
     is a dict insert on the handler's path; paths are made only when saved."""
 
-    def __init__(self, limit: int = LIMIT) -> None:
+    def __init__(self, file: str | None = None, limit: int = LIMIT) -> None:
+        self.file = file  # where it is saved (see trace_file), and the last one read from
         self.limit = limit
+        self.replayed = 0  # entries of the last mount's trace asked again before ready
         self._seen: dict[tuple[int, int, bytes], None] = {}
 
     def __len__(self) -> int:

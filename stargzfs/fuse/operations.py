@@ -287,6 +287,9 @@ class ImageOperations(pyfuse3.Operations):
                 "pid": os.getpid(),
                 "pid_start": _START_TIME,
                 "kernel_open": self.fh_is_inode,  # False: a stock pyfuse3 (or an old kernel)
+                "lookup_trace": None
+                if self.trace is None
+                else {"recorded": len(self.trace), "replayed": self.trace.replayed},
             }
             return json.dumps(stats).encode()
         xattrs = self._node(inode).entry.xattrs
