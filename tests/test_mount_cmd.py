@@ -201,6 +201,24 @@ def test_umount_of_a_busy_mount_detaches_lazily_and_says_so(
     assert not daemon_pids(mnt)  # the daemon went once the last file was closed
 
 
+def test_umount_of_a_mount_busy_for_a_moment_waits_for_it(
+    fixture_image: str, mnt: Path, tmp_path: Path
+) -> None:
+    """Right after a mount the daemon's own warm-up reads through it: `umount` then retries
+    for a moment instead of detaching lazily (and saying the mount was busy)."""
+    args = ("mount", fixture_image, str(mnt), "--cache-dir", str(tmp_path / "c"))
+    assert stargzfs(*args).returncode == 0
+    busy = open(mnt / "etc/passwd", "rb")  # noqa: SIM115
+    closer = threading.Timer(0.3, busy.close)
+    closer.start()
+    try:
+        result = stargzfs("umount", str(mnt))
+    finally:
+        closer.join()
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert not is_mounted(mnt) and not daemon_pids(mnt)  # and the daemon has exited
+
+
 @pytest.mark.slow  # spends the retry budget on each cold read (~2 x 12 s)
 def test_registry_outage_cached_files_served_cold_files_eio(
     registry_factory: object, mnt: Path, tmp_path: Path

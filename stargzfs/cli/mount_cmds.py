@@ -27,6 +27,8 @@ from .layer_cmds import parse_size
 DEFAULT_CACHE_SIZE = 10 << 30
 
 _READY_FD_ENV = "STARGZFS_READY_FD"
+# How long `umount` retries a busy mount of a live daemon before detaching it lazily.
+BUSY_RETRY_SECONDS = 1.0
 
 log = logging.getLogger("stargzfs.mount")
 
@@ -270,11 +272,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
         )
     daemon = _daemon_pid(mnt) if is_stargzfs_mount(fstype, source) else None
     fusermount = shutil.which("fusermount3") or "fusermount3"
-    result = subprocess.run([fusermount, "-u", mnt], capture_output=True, text=True, check=False)
-    if mount_at(mnt) is None:  # unmounted (by us, or just now by auto_unmount's helper)
-        if daemon is not None:
-            _wait_for_exit(daemon)
-        return 0
+    # Busy for a moment is the daemon's own warm-up reading through the mount (right after
+    # a mount): worth a few retries before detaching lazily.
+    retry_until = time.monotonic() + (BUSY_RETRY_SECONDS if daemon is not None else 0)
+    while True:
+        result = subprocess.run(
+            [fusermount, "-u", mnt], capture_output=True, text=True, check=False
+        )
+        if mount_at(mnt) is None:  # unmounted (by us, or just now by auto_unmount's helper)
+            if daemon is not None:
+                _wait_for_exit(daemon)
+            return 0
+        if time.monotonic() >= retry_until or "busy" not in result.stderr.lower():
+            break
+        time.sleep(0.05)
     # Busy (an open file, a process's cwd): detach it now, it goes when they let go.
     lazy = subprocess.run([fusermount, "-uz", mnt], capture_output=True, text=True, check=False)
     if lazy.returncode == 0 and mount_at(mnt) is None:
