@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from .._process import process_state
 from ..errors import NotFoundError, StargzfsError, UsageError
 from .image_cmds import add_network_options
 from .layer_cmds import parse_size
@@ -364,16 +365,6 @@ def _wait_for_exit(daemon: tuple[int, int], timeout: float = 5.0) -> None:
             return  # gone, another process, or exited and not reaped yet
         time.sleep(0.01)
     log.info("the daemon (pid %d) was still running %.0f s after the unmount", pid, timeout)
-
-
-def process_state(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/PID/stat, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        return fields[0].decode(), int(fields[19])  # fields 3 and 22 of proc(5)
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

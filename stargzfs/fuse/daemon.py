@@ -24,6 +24,7 @@ from ..index import Node
 from ..view import ImageView
 from .lookup_trace import (
     LookupTrace,
+    list_directory,
     load_trace,
     open_mount_root,
     replay,
@@ -294,17 +295,7 @@ def _read_through(root: int, paths: list[str]) -> int:
         while parent not in listed:
             listed.add(parent)
             try:
-                fd = os.open(
-                    parent or ".",
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=root,
-                )
-                try:
-                    with os.scandir(fd) as entries:
-                        for _ in entries:
-                            pass
-                finally:
-                    os.close(fd)
+                list_directory(root, parent)
             except OSError as e:
                 log.debug("warming %s/: %s", parent, e)
             if not parent:

@@ -31,6 +31,7 @@ ROOT_INODE = 1  # a FUSE mount's root (pyfuse3.ROOT_INODE, without importing pyf
 
 __all__ = [
     "LookupTrace",
+    "list_directory",
     "load_trace",
     "open_mount_root",
     "replay",
@@ -234,6 +235,22 @@ def open_mount_root(mountpoint: str) -> int | None:
     return None
 
 
+def list_directory(root: int, path: str, deadline: float = float("inf")) -> None:
+    """List the directory ``path`` (relative to the descriptor ``root``; "" is root itself)
+    to its end or ``deadline`` (time.monotonic), never through a symlink named last: its
+    entries and their attributes land in the kernel's caches (readdir answers with both)."""
+    fd = os.open(
+        path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root
+    )
+    try:
+        with os.scandir(fd) as listing:
+            for _ in listing:
+                if time.monotonic() >= deadline:
+                    break
+    finally:
+        os.close(fd)
+
+
 def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> int:
     """Ask the kernel for each entry, relative to the mount's root descriptor ``root`` (see
     :func:`open_mount_root`), until ``deadline`` (time.monotonic): names and missing names
@@ -249,18 +266,7 @@ def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> in
             elif kind == "readlink":
                 os.readlink(path, dir_fd=root)
             else:
-                fd = os.open(
-                    path or ".",
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    dir_fd=root,
-                )
-                try:
-                    with os.scandir(fd) as listing:
-                        for _ in listing:
-                            if time.monotonic() >= deadline:
-                                break
-                finally:
-                    os.close(fd)
+                list_directory(root, path, deadline)
         except (OSError, ValueError):
             pass  # a missing name is the point (the kernel keeps the negative entry)
         done += 1

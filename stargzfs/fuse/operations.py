@@ -27,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 from cachetools import LRUCache
 
+from .._process import process_state
 from ..errors import StargzfsError
 from ..index import Node
 from ..view import ImageView
@@ -45,17 +46,8 @@ STATS_XATTR = b"user.stargzfs.stats"
 KERNEL_OPEN = "fh_is_inode" in getattr(pyfuse3, "STARGZFS_EXTENSIONS", ())
 
 
-def _start_time() -> int:
-    """This process's start time (clock ticks since boot, proc(5) field 22): with the pid,
-    it names this process and no other, whatever the pid namespace or pid reuse."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            return int(f.read().rpartition(b")")[2].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-_START_TIME = _start_time()
+# With the pid, names this process and no other (see `stargzfs umount`).
+_START_TIME = (process_state(os.getpid()) or ("", 0))[1]
 
 _TYPE_BITS = {
     "dir": stat.S_IFDIR,
