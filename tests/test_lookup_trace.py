@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,24 @@ async def test_requests_become_image_paths_in_order_each_once() -> None:
     for name in (b"a", b"b", b"c"):
         small.lookup(tree.root.ino, name)
     assert [path for _, path in small.entries(tree)] == ["a", "b"]
+
+
+def test_saving_removes_traces_of_images_not_mounted_for_a_month(tmp_path: Path) -> None:
+    old, recent = (
+        trace_file(str(tmp_path), ["sha256:old"]),
+        trace_file(str(tmp_path), ["sha256:new"]),
+    )
+    save_trace(old, [("lookup", "a")])
+    save_trace(recent, [("lookup", "b")])
+    left_behind = old + ".999.tmp"  # a writer that died
+    Path(left_behind).write_text("{")
+    month_ago = time.time() - 31 * 86400
+    for path in (old, left_behind):
+        os.utime(path, (month_ago, month_ago))
+    save_trace(trace_file(str(tmp_path), ["sha256:third"]), [("lookup", "c")])
+    assert sorted(os.listdir(os.path.dirname(old))) == sorted(
+        os.path.basename(trace_file(str(tmp_path), [d])) for d in ("sha256:new", "sha256:third")
+    )
 
 
 def test_save_and_load_keep_undecodable_names(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LIMIT = 20_000  # requests recorded per mount (a `find` over a big image would be all of it)
 MAX_FILE_BYTES = 8 << 20  # a trace file larger than this is not one of ours
+KEEP_DAYS = 30  # the trace of an image not mounted for this long is removed
 VERSION = 1
 KINDS = ("lookup", "readlink", "readdir")
 _LOOKUP, _READLINK, _READDIR = range(3)
@@ -108,8 +109,11 @@ def trace_file(cache_dir: str, layer_digests: Sequence[str]) -> str:
 
 
 def save_trace(file: str, entries: Sequence[tuple[str, str]]) -> None:
-    """Write the trace atomically (concurrent mounts of one image: the last one wins)."""
+    """Write the trace atomically (concurrent mounts of one image: the last one wins), and
+    remove the traces of images not mounted for ``KEEP_DAYS`` (each unmount rewrites its
+    own), and temporary files their writers left."""
     os.makedirs(os.path.dirname(file), exist_ok=True)
+    _prune(os.path.dirname(file))
     tmp = f"{file}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -120,6 +124,17 @@ def save_trace(file: str, entries: Sequence[tuple[str, str]]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _prune(directory: str) -> None:
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(directory) as found:
+        for entry in found:
+            with contextlib.suppress(OSError):
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                stale_tmp = entry.name.endswith(".tmp") and age > 600
+                if stale_tmp or (entry.name.endswith(".json") and age > KEEP_DAYS * 86400):
+                    os.unlink(entry.path)
 
 
 def load_trace(file: str) -> list[tuple[str, str]]:
