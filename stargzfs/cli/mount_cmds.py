@@ -44,7 +44,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="DIGEST",
         help="mount this layer alone instead of the merged image (a digest prefix will do)",
     )
-    p.add_argument("--cache-dir", help="chunk and index cache (default: $XDG_CACHE_HOME/stargzfs)")
+    p.add_argument(
+        "--cache-dir",
+        help="chunk, index and lookup-trace cache (default: $XDG_CACHE_HOME/stargzfs)",
+    )
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument(
         "--allow-unverified",
@@ -79,13 +82,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=cmd_mount)
 
     st = sub.add_parser(
-        "stats", help="traffic, cache, prefetch and kernel-request figures of a mount"
+        "stats", help="traffic, cache, prefetch, kernel-request and lookup-trace figures of a mount"
     )
     st.add_argument("mountpoint")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_stats)
 
-    u = sub.add_parser("umount", help="unmount a stargzfs mount (also after a crash)")
+    u = sub.add_parser(
+        "umount", help="unmount a stargzfs mount, waiting for its daemon (also after a crash)"
+    )
     u.add_argument("mountpoint")
     u.add_argument(
         "--force", action="store_true", help="also unmount a FUSE mount that is not stargzfs"
