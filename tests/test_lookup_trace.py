@@ -15,7 +15,6 @@ from test_merged_tree import two_layer_tree
 from stargzfs.fuse.lookup_trace import (
     LookupTrace,
     load_trace,
-    open_mount_root,
     replay,
     save_trace,
     trace_file,
@@ -23,6 +22,20 @@ from stargzfs.fuse.lookup_trace import (
 )
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent")
+
+
+async def test_the_daemons_own_requests_are_saved_after_the_others() -> None:
+    """Its warm-up and replay re-ask what it asked before: saved last, they are what the
+    next replay's budget runs out on, and what nobody asks any more drifts out."""
+    tree, _ = await two_layer_tree()
+    trace = LookupTrace()
+    trace.lookup(tree.root.ino, b"old", own=True)
+    trace.replaying = True
+    trace.readdir(tree.root.ino)  # (a listing carries no pid: replaying says whose it is)
+    trace.replaying = False
+    trace.lookup(tree.root.ino, b"new")
+    trace.lookup(tree.root.ino, b"old")  # asked by a program too: in its place among theirs
+    assert trace.entries(tree) == [("lookup", "new"), ("lookup", "old"), ("readdir", "")]
 
 
 async def test_requests_become_image_paths_in_order_each_once() -> None:
@@ -180,17 +193,25 @@ def test_replay_asks_each_entry_and_stops_at_its_deadline(
         os.close(root)
 
 
-def test_only_a_fuse_root_is_a_mount_root(tmp_path: Path) -> None:
+def test_only_our_own_mount_root_is_one(tmp_path: Path) -> None:
     """The replay goes through the mount's root descriptor: a plain directory (the mount
-    point once unmounted) is none."""
+    point once unmounted) or another filesystem's root (inode 1 too) is none."""
+    from stargzfs.fuse.daemon import open_mount_root
+
     assert open_mount_root(str(tmp_path)) is None
     assert open_mount_root(str(tmp_path / "missing")) is None
+    assert os.stat("/proc").st_ino == 1 and open_mount_root("/proc") is None
 
 
 async def test_hostile_traces_cost_nothing_but_their_entries(tmp_path: Path) -> None:
     tree, _ = await two_layer_tree()
-    deep = "/".join(["d"] * 5000)
+    started = time.monotonic()
+    deep = "/".join(["d"] * 100_000)  # longer than any path: refused before any query
     assert usable_entries(tree, [("lookup", deep + "/x"), ("readdir", deep)]) == []
+    within = "/".join(["d"] * 2000)  # 4,000 bytes: walked, stopping at the first miss
+    assert usable_entries(tree, [("lookup", within + "/x")] * 64) == []
+    assert usable_entries(tree, [("lookup", "etc/" + "n" * 256)]) == []  # NAME_MAX
+    assert time.monotonic() - started < 2
     assert usable_entries(tree, [("lookup", "etc/\ud800/x"), ("readlink", "usr/bin/\ud800")]) == []
     undecodable = [("lookup", "etc/\udce9")]  # a probe for a non-UTF-8 name: replayed
     assert usable_entries(tree, undecodable) == undecodable

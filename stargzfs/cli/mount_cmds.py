@@ -339,7 +339,12 @@ def _daemon_pid(mnt: str, timeout: float = 2.0) -> tuple[int, int] | None:
         os.close(read_fd)
         with contextlib.suppress(OSError):
             os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
+        # Reaped if it goes; one the kernel keeps waiting on the daemon (a request it had
+        # already read) is left to init rather than waited for.
+        until = time.monotonic() + 0.5
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(child, os.WNOHANG) == (0, 0) and time.monotonic() < until:
+                time.sleep(0.01)
     return pid_from_stats(b"".join(chunks))
 
 

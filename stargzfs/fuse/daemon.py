@@ -10,6 +10,7 @@ pyfuse3 cannot pass ``max_readahead``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,12 +27,11 @@ from .lookup_trace import (
     LookupTrace,
     list_directory,
     load_trace,
-    open_mount_root,
     replay,
     save_trace,
     usable_entries,
 )
-from .operations import ImageOperations
+from .operations import STATS_XATTR, ImageOperations
 
 __all__ = ["serve"]
 
@@ -205,49 +205,73 @@ async def _fetch_layer(
 async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline: float) -> None:
     """Replay the last mount's trace until ``deadline`` (trio's clock), a batch at a time:
     each is checked against the tree on the loop (where the tree is used), then asked from
-    a thread (the loop answers). A long trace costs only the part replayed; a broken one
-    only a log line."""
+    a thread (the loop answers) that opens and closes the mount's root itself, so a thread
+    abandoned at the deadline holds nothing that keeps the mount busy. A long trace costs
+    only the part replayed; a broken one only a log line."""
     started = trio.current_time()
     entries: list[tuple[str, str]] = []
-    asked = 0
-    root: int | None = None
-    in_thread = False
-    trace_file = trace.file or ""
+    trace.replaying = True
     try:
-        entries = await trio.to_thread.run_sync(load_trace, trace_file)
-        if not entries:
-            return
-        root = await trio.to_thread.run_sync(open_mount_root, mountpoint)
-        if root is None:
-            return
+        file = trace.file or ""
+        entries = await trio.to_thread.run_sync(load_trace, file, abandon_on_cancel=True)
         # Names first (a round trip each), listings after (many entries each), both in the
         # order they were first asked: a program's start-up comes before what ran later.
         ordered = sorted(entries, key=lambda entry: entry[0] == "readdir")
-        dirs: dict[str, Node | None] = {}
+        dirs: dict[tuple[int, str], Node | None] = {}
         for start in range(0, len(ordered), REPLAY_BATCH):
-            batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
-            # The thread also stops by itself at the deadline, between entries.
-            until = time.monotonic() + (deadline - trio.current_time())
-            in_thread = True
-            asked += await trio.to_thread.run_sync(
-                replay, root, batch, until, abandon_on_cancel=True, limiter=_own_limiter(_REPLAY)
-            )
-            in_thread = False
             if trio.current_time() >= deadline:
                 break
+            batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
+            # The thread stops by itself at the deadline too, between entries.
+            until = time.monotonic() + (deadline - trio.current_time())
+            trace.replayed += await trio.to_thread.run_sync(
+                _replay_batch,
+                mountpoint,
+                batch,
+                until,
+                abandon_on_cancel=True,
+                limiter=_own_limiter(_REPLAY),
+            )
     except Exception as e:  # only costs speed
-        log.warning("replaying the lookup trace %s: %s", trace_file, e)
+        log.warning("replaying the lookup trace %s: %s", trace.file, e)
     finally:
-        trace.replayed = asked
-        if root is not None and not in_thread:  # else an abandoned thread may still use it
-            os.close(root)
+        trace.replaying = False
         if entries:
             log.info(
                 "asked the kernel %d of the %d names the last mount was asked (%.0f ms)",
-                asked,
+                trace.replayed,
                 len(entries),
                 (trio.current_time() - started) * 1000,
             )
+
+
+def _replay_batch(mountpoint: str, batch: list[tuple[str, str]], until: float) -> int:
+    root = open_mount_root(mountpoint)
+    if root is None:  # unmounted meanwhile (or something else is mounted there now)
+        return 0
+    try:
+        return replay(root, batch, until)
+    finally:
+        os.close(root)
+
+
+def open_mount_root(mountpoint: str) -> int | None:
+    """An O_PATH descriptor of this daemon's own mount root, or None: what goes through the
+    mount goes through this, relative to it, so nothing reaches the directory underneath,
+    or another filesystem mounted there, if the mount goes away meanwhile. Ours is the one
+    whose stats xattr names this process."""
+    try:
+        fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.getxattr(f"/proc/self/fd/{fd}", os.fsdecode(STATS_XATTR))
+        if json.loads(raw).get("pid") == os.getpid():
+            return fd
+    except (OSError, ValueError, AttributeError):
+        pass
+    os.close(fd)
+    return None
 
 
 def _own_limiter(var: trio.lowlevel.RunVar[trio.CapacityLimiter]) -> trio.CapacityLimiter:

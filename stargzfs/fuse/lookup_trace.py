@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
+import stat
 import time
 from collections.abc import Iterable, Sequence
 
 from ..errors import StargzfsError
 from ..index import MergedTree, Node
 
-ROOT_INODE = 1  # a FUSE mount's root (pyfuse3.ROOT_INODE, without importing pyfuse3)
-
 __all__ = [
     "LookupTrace",
     "list_directory",
     "load_trace",
-    "open_mount_root",
     "replay",
     "save_trace",
     "trace_file",
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 LIMIT = 20_000  # requests recorded per mount (a `find` over a big image would be all of it)
 MAX_FILE_BYTES = 8 << 20  # a trace file larger than this is not one of ours
 KEEP_DAYS = 30  # the trace of an image not mounted for this long is removed
+PATH_MAX, NAME_MAX = 4096, 255  # Linux's: longer paths or names are no replayable entry
+# What the traces directory holds: our files, and nothing else is pruned from it.
+_TRACE_NAME = re.compile(r"[0-9a-f]{64}\.json")
+_TEMP_NAME = re.compile(r"[0-9a-f]{64}\.json\.\d+\.tmp")
 VERSION = 1
 KINDS = ("lookup", "readlink", "readdir")
 _LOOKUP, _READLINK, _READDIR = range(3)
@@ -52,29 +56,36 @@ _LOOKUP, _READLINK, _READDIR = range(3)
 
 class LookupTrace:
     """The name requests of one mount, in order, each once: (kind, inode, name). Recording
-    is a dict insert on the handler's path; paths are made only when saved."""
+    is a dict insert on the handler's path; paths are made only when saved.
+
+    The daemon's own requests (its warm-up and replay: ``own``) are kept apart and saved
+    after everyone else's: what the programs in the mount asked comes first, so it is what
+    the next replay asks first, and names nobody asks any more drift to the end, past the
+    replay's budget, and out."""
 
     def __init__(self, file: str | None = None, limit: int = LIMIT) -> None:
         self.file = file  # where it is saved (see trace_file), and the last one read from
         self.limit = limit
         self.replayed = 0  # entries of the last mount's trace asked again before ready
-        self._seen: dict[tuple[int, int, bytes], None] = {}
+        self.replaying = False  # set during the replay (readdir requests carry no pid)
+        self._asked: dict[tuple[int, int, bytes], None] = {}
+        self._own: dict[tuple[int, int, bytes], None] = {}
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._asked) + len(self._own)
 
-    def _add(self, key: tuple[int, int, bytes]) -> None:
-        if len(self._seen) < self.limit:
-            self._seen[key] = None
+    def _add(self, key: tuple[int, int, bytes], own: bool) -> None:
+        if len(self) < self.limit:
+            (self._own if own else self._asked)[key] = None
 
-    def lookup(self, parent_ino: int, name: bytes) -> None:
-        self._add((_LOOKUP, parent_ino, name))
+    def lookup(self, parent_ino: int, name: bytes, own: bool = False) -> None:
+        self._add((_LOOKUP, parent_ino, name), own)
 
-    def readlink(self, ino: int) -> None:
-        self._add((_READLINK, ino, b""))
+    def readlink(self, ino: int, own: bool = False) -> None:
+        self._add((_READLINK, ino, b""), own)
 
-    def readdir(self, ino: int) -> None:
-        self._add((_READDIR, ino, b""))
+    def readdir(self, ino: int, own: bool = False) -> None:
+        self._add((_READDIR, ino, b""), own or self.replaying)
 
     def entries(self, tree: MergedTree) -> list[tuple[str, str]]:
         """(kind, image path) of each request, in order; inodes the tree does not know are
@@ -91,7 +102,8 @@ class LookupTrace:
             return paths[ino]
 
         out: list[tuple[str, str]] = []
-        for kind, ino, name in self._seen:
+        own = (key for key in self._own if key not in self._asked)
+        for kind, ino, name in itertools.chain(self._asked, own):
             path = path_of(ino)
             if path is None:
                 continue
@@ -132,15 +144,19 @@ def _prune(directory: str) -> None:
         for entry in found:
             with contextlib.suppress(OSError):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
-                stale_tmp = entry.name.endswith(".tmp") and age > 600
-                if stale_tmp or (entry.name.endswith(".json") and age > KEEP_DAYS * 86400):
+                stale_tmp = age > 600 and _TEMP_NAME.fullmatch(entry.name)
+                if stale_tmp or (age > KEEP_DAYS * 86400 and _TRACE_NAME.fullmatch(entry.name)):
                     os.unlink(entry.path)
 
 
 def load_trace(file: str) -> list[tuple[str, str]]:
     """The saved trace, or [] (none yet, unreadable, malformed: it only costs speed)."""
     try:
-        with open(file, "rb") as f:
+        # Non-blocking and not through a symlink: a FIFO put there must not hang the mount.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{file}: not a regular file")
             raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return []
@@ -167,13 +183,17 @@ def load_trace(file: str) -> list[tuple[str, str]]:
 def _clean(path: str) -> list[str] | None:
     """The components of a relative image path, or None for anything else: absolute, empty
     or dot components, NUL, or text that is no file name (a lone surrogate)."""
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
-        return None
     try:
-        os.fsencode(path)
+        raw = os.fsencode(path)
     except UnicodeError:
         return None
+    parts = path.split("/")
+    if (
+        len(raw) >= PATH_MAX
+        or path.startswith("/")
+        or any(p in ("", ".", "..") or "\0" in p or len(os.fsencode(p)) > NAME_MAX for p in parts)
+    ):
+        return None  # the kernel would refuse it anyway
     return parts
 
 
@@ -189,26 +209,25 @@ def _is_utf8(name: str) -> bool:
 def usable_entries(
     tree: MergedTree,
     entries: Iterable[tuple[str, str]],
-    dirs: dict[str, Node | None] | None = None,
+    dirs: dict[tuple[int, str], Node | None] | None = None,
 ) -> list[tuple[str, str]]:
     """The entries safe to replay: every parent a directory of the merged tree (so the kernel
     walks no symlink on the way), a listing a directory, a readlink a symlink. ``dirs``
-    caches directories between calls (path -> node, None: not a directory). Runs SQLite
-    queries: call it where the tree is used."""
+    caches directories between calls ((parent inode, name) -> node, None: not a directory).
+    Runs SQLite queries: call it where the tree is used."""
     known = dirs if dirs is not None else {}
-    known.setdefault("", tree.root)
 
     def directory(parts: Sequence[str]) -> Node | None:
-        # Iterative (a path may have thousands of components): from the deepest known one.
-        depth = len(parts)
-        while "/".join(parts[:depth]) not in known:
-            depth -= 1
-        node = known["/".join(parts[:depth])]
-        for i in range(depth, len(parts)):
-            if node is not None:
-                child = tree.lookup(node, parts[i]) if _is_utf8(parts[i]) else None
-                node = child if child is not None and child.is_dir else None
-            known["/".join(parts[: i + 1])] = node
+        node = tree.root
+        for name in parts:
+            key = (node.ino, name)
+            if key not in known:
+                child = tree.lookup(node, name) if _is_utf8(name) else None
+                known[key] = child if child is not None and child.is_dir else None
+            found = known[key]
+            if found is None:
+                return None
+            node = found
         return node
 
     out = []
@@ -231,25 +250,6 @@ def usable_entries(
     return out
 
 
-def open_mount_root(mountpoint: str) -> int | None:
-    """An O_PATH descriptor of the mount's root, or None if ``mountpoint`` is not (or no
-    longer) a FUSE root: what goes through the mount goes through this, relative to it, so
-    nothing reaches the directory underneath if the mount goes away meanwhile."""
-    try:
-        fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        parent = os.stat(os.path.dirname(os.path.abspath(mountpoint)) or "/")
-        if st.st_ino == ROOT_INODE and st.st_dev != parent.st_dev:
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
 def list_directory(root: int, path: str, deadline: float = float("inf")) -> None:
     """List the directory ``path`` (relative to the descriptor ``root``; "" is root itself)
     to its end or ``deadline`` (time.monotonic), never through a symlink named last: its
@@ -267,10 +267,10 @@ def list_directory(root: int, path: str, deadline: float = float("inf")) -> None
 
 
 def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> int:
-    """Ask the kernel for each entry, relative to the mount's root descriptor ``root`` (see
-    :func:`open_mount_root`), until ``deadline`` (time.monotonic): names and missing names
-    land in its caches, as do symlink targets and listings. Never follows a symlink named
-    last. Blocking (a worker thread: the event loop answers). Returns how many were asked."""
+    """Ask the kernel for each entry, relative to the mount's root descriptor ``root``,
+    until ``deadline`` (time.monotonic): names and missing names land in its caches, as do
+    symlink targets and listings. Never follows a symlink named last. Blocking (a worker
+    thread: the event loop answers). Returns how many were asked."""
     done = 0
     for kind, path in entries:
         if time.monotonic() >= deadline:

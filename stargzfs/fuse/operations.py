@@ -33,7 +33,7 @@ from ..index import Node
 from ..view import ImageView
 from .lookup_trace import LookupTrace
 
-__all__ = ["ImageOperations"]
+__all__ = ["STATS_XATTR", "ImageOperations"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class ImageOperations(pyfuse3.Operations):
         self.requests: Counter[str] = Counter()
         # The name requests, for the next mount of the image to ask before ready.
         self.trace = trace
+        self._pid = os.getpid()  # requests from it are the daemon's own (warm-up, replay)
         self.view = view
         # --record-access: each file's path on its first read, in order (for `optimize`).
         self._record = open(record_access, "a", buffering=1) if record_access else None  # noqa: SIM115
@@ -121,11 +122,7 @@ class ImageOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         # The patched pyfuse3 has set fh_is_inode to what the kernel supports by now.
-        log.debug(
-            "kernel opens files and directories itself: %s; caches symlinks: %s",
-            self.fh_is_inode,
-            self.enable_cache_symlinks,
-        )
+        log.debug("kernel opens files and directories itself: %s", self.fh_is_inode)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -163,7 +160,7 @@ class ImageOperations(pyfuse3.Operations):
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
         if self.trace is not None:
-            self.trace.lookup(parent_inode, name)
+            self.trace.lookup(parent_inode, name, own=ctx is not None and ctx.pid == self._pid)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:  # image names are UTF-8 (TOCs are JSON): not there
@@ -184,8 +181,10 @@ class ImageOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.entry.kind != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if self.trace is not None and self.enable_cache_symlinks:  # else not kept: no use
-            self.trace.readlink(inode)
+        # Only where the kernel keeps targets (it opens files itself only on kernels that
+        # do; the patch writes back fh_is_inode, not enable_cache_symlinks).
+        if self.trace is not None and self.fh_is_inode:
+            self.trace.readlink(inode, own=ctx is not None and ctx.pid == self._pid)
         return os.fsencode(node.entry.linkname)
 
     # -- directories --------------------------------------------------------------------
