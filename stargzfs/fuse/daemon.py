@@ -210,6 +210,7 @@ async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline
     only the part replayed; a broken one only a log line."""
     started = trio.current_time()
     entries: list[tuple[str, str]] = []
+    progress = [0]  # entries asked, counted by the replay threads
     trace.replaying = True
     try:
         file = trace.file or ""
@@ -224,11 +225,12 @@ async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline
             batch = usable_entries(view.tree, ordered[start : start + REPLAY_BATCH], dirs)
             # The thread stops by itself at the deadline too, between entries.
             until = time.monotonic() + (deadline - trio.current_time())
-            trace.replayed += await trio.to_thread.run_sync(
+            await trio.to_thread.run_sync(
                 _replay_batch,
                 mountpoint,
                 batch,
                 until,
+                progress,
                 abandon_on_cancel=True,
                 limiter=_own_limiter(_REPLAY),
             )
@@ -236,6 +238,7 @@ async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline
         log.warning("replaying the lookup trace %s: %s", trace.file, e)
     finally:
         trace.replaying = False
+        trace.replayed = progress[0]  # (a thread abandoned at the deadline counted too)
         if entries:
             log.info(
                 "asked the kernel %d of the %d names the last mount was asked (%.0f ms)",
@@ -245,12 +248,14 @@ async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline
             )
 
 
-def _replay_batch(mountpoint: str, batch: list[tuple[str, str]], until: float) -> int:
+def _replay_batch(
+    mountpoint: str, batch: list[tuple[str, str]], until: float, progress: list[int]
+) -> None:
     root = open_mount_root(mountpoint)
     if root is None:  # unmounted meanwhile (or something else is mounted there now)
-        return 0
+        return
     try:
-        return replay(root, batch, until)
+        replay(root, batch, until, progress)
     finally:
         os.close(root)
 

@@ -266,11 +266,17 @@ def list_directory(root: int, path: str, deadline: float = float("inf")) -> None
         os.close(fd)
 
 
-def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> int:
+def replay(
+    root: int,
+    entries: Sequence[tuple[str, str]],
+    deadline: float,
+    progress: list[int] | None = None,
+) -> int:
     """Ask the kernel for each entry, relative to the mount's root descriptor ``root``,
     until ``deadline`` (time.monotonic): names and missing names land in its caches, as do
     symlink targets and listings. Never follows a symlink named last. Blocking (a worker
-    thread: the event loop answers). Returns how many were asked."""
+    thread: the event loop answers). Returns how many were asked, and counts them in
+    ``progress[0]`` as it goes (for a caller that stops waiting at the deadline)."""
     done = 0
     for kind, path in entries:
         if time.monotonic() >= deadline:
@@ -285,4 +291,6 @@ def replay(root: int, entries: Sequence[tuple[str, str]], deadline: float) -> in
         except (OSError, ValueError):
             pass  # a missing name is the point (the kernel keeps the negative entry)
         done += 1
+        if progress is not None:
+            progress[0] += 1
     return done
