@@ -58,3 +58,10 @@ def test_another_process_with_that_pid_is_not_waited_for() -> None:
     assert time.monotonic() - started < 1
     _wait_for_exit((os.getpid(), own[1]), timeout=0.2)  # this one never exits: gives up
     assert time.monotonic() - started >= 0.2
+
+
+def test_the_cli_asks_the_xattr_the_daemon_answers() -> None:
+    from stargzfs.cli import mount_cmds
+    from stargzfs.fuse import operations
+
+    assert os.fsencode(mount_cmds.STATS_XATTR) == operations.STATS_XATTR

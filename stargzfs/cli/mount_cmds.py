@@ -28,6 +28,8 @@ from .layer_cmds import parse_size
 DEFAULT_CACHE_SIZE = 10 << 30
 
 _READY_FD_ENV = "STARGZFS_READY_FD"
+# Where a daemon answers `stats` (fuse/operations.py; not imported here: it needs pyfuse3).
+STATS_XATTR = "user.stargzfs.stats"
 # How long `umount` retries a busy mount of a live daemon before detaching it lazily.
 BUSY_RETRY_SECONDS = 1.0
 
@@ -317,7 +319,7 @@ def _daemon_pid(mnt: str, timeout: float = 2.0) -> tuple[int, int] | None:
     if child == 0:
         try:
             os.close(read_fd)
-            raw = os.getxattr(mnt, "user.stargzfs.stats")
+            raw = os.getxattr(mnt, STATS_XATTR)
             while raw:
                 raw = raw[os.write(write_fd, raw) :]
         finally:
@@ -381,7 +383,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     import json
 
     try:
-        raw = os.getxattr(args.mountpoint, "user.stargzfs.stats")
+        raw = os.getxattr(args.mountpoint, STATS_XATTR)
     except OSError as e:
         raise UsageError(f"{args.mountpoint}: not a stargzfs mount ({e.strerror})") from None
     stats = json.loads(raw)

@@ -16,7 +16,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 import trio
@@ -251,13 +251,21 @@ async def _replay(view: ImageView, mountpoint: str, trace: LookupTrace, deadline
 def _replay_batch(
     mountpoint: str, batch: list[tuple[str, str]], until: float, progress: list[int]
 ) -> None:
+    with _mount_root(mountpoint) as root:
+        if root is not None:
+            replay(root, batch, until, progress)
+
+
+@contextlib.contextmanager
+def _mount_root(mountpoint: str) -> Iterator[int | None]:
+    """:func:`open_mount_root`, closed on the way out (None: unmounted meanwhile, or
+    something else is mounted there now)."""
     root = open_mount_root(mountpoint)
-    if root is None:  # unmounted meanwhile (or something else is mounted there now)
-        return
     try:
-        replay(root, batch, until, progress)
+        yield root
     finally:
-        os.close(root)
+        if root is not None:
+            os.close(root)
 
 
 def open_mount_root(mountpoint: str) -> int | None:
@@ -300,13 +308,8 @@ def _is_regular(view: ImageView, path: str) -> bool:
 
 
 def _warm_files(mountpoint: str, paths: list[str]) -> int:
-    root = open_mount_root(mountpoint)
-    if root is None:  # unmounted meanwhile
-        return 0
-    try:
-        return _read_through(root, paths)
-    finally:
-        os.close(root)
+    with _mount_root(mountpoint) as root:
+        return 0 if root is None else _read_through(root, paths)
 
 
 def _read_through(root: int, paths: list[str]) -> int:

@@ -145,6 +145,10 @@ class ImageOperations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
 
+    def _is_own(self, ctx: Any) -> bool:
+        """Whether a request comes from this daemon (its warm-up or replay threads)."""
+        return ctx is not None and ctx.pid == self._pid
+
     def _node(self, inode: int) -> Node:
         return self.tree.get(inode)
 
@@ -160,7 +164,7 @@ class ImageOperations(pyfuse3.Operations):
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves ".." itself
         if self.trace is not None:
-            self.trace.lookup(parent_inode, name, own=ctx is not None and ctx.pid == self._pid)
+            self.trace.lookup(parent_inode, name, own=self._is_own(ctx))
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:  # image names are UTF-8 (TOCs are JSON): not there
@@ -184,7 +188,7 @@ class ImageOperations(pyfuse3.Operations):
         # Only where the kernel keeps targets (it opens files itself only on kernels that
         # do; the patch writes back fh_is_inode, not enable_cache_symlinks).
         if self.trace is not None and self.fh_is_inode:
-            self.trace.readlink(inode, own=ctx is not None and ctx.pid == self._pid)
+            self.trace.readlink(inode, own=self._is_own(ctx))
         return os.fsencode(node.entry.linkname)
 
     # -- directories --------------------------------------------------------------------
